@@ -1,0 +1,143 @@
+"""The dataclasses a recipe parses (data, model, training) and the strict YAML + command-line parser."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import trl
+import yaml
+from trl import ModelConfig, TrlParser
+
+
+@dataclass
+class ScriptArguments:
+    """Where the training data comes from. Either one source (`dataset_name`) or a mixture (`dataset_mixture`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "One source: a Hub dataset id, or a local .json/.jsonl/.parquet file or folder of them."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Record format of `dataset_name`: 'alpaca' (instruction, input, output), 'prompt_completion' "
+            "(strings or chat messages), 'messages' (multi-turn chat; the last assistant turn is the completion) "
+            "or 'auto' (detected from the columns).",
+            "choices": ["auto", "alpaca", "prompt_completion", "messages"],
+        },
+    )
+    dataset_mixture: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several sources: {datasets: [{path, fraction, format, split, name}], seed} (a JSON string on the "
+            "command line). "
+            "`fraction` (0, 1] is the share of that source kept, drawn with `seed`."
+        },
+    )
+    eval_split_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Held-out evaluation split taken from the training data: a fraction in (0, 1), or a count of "
+            "examples if >= 1. 0 keeps everything for training."
+        },
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "Keep only this many training examples (after the split), for quick runs."}
+    )
+    dataset_seed: int = field(default=42, metadata={"help": "Seed of the mixture sampling and the held-out split."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty `output_dir` that holds another run."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.dataset_mixture, str):
+            self.dataset_mixture = json.loads(self.dataset_mixture)
+        if self.dataset_name is None and self.dataset_mixture is None:
+            raise ValueError("Set `dataset_name` or `dataset_mixture`: there is no training data.")
+        if self.dataset_name is not None and self.dataset_mixture is not None:
+            raise ValueError("Set one of `dataset_name` and `dataset_mixture`, not both.")
+        if self.eval_split_size < 0:
+            raise ValueError(f"`eval_split_size` must be >= 0, got {self.eval_split_size}.")
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` with QLoRA defaults: a 4-bit nf4 base with double quantisation and LoRA on all linears."""
+
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the base stays frozen)."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "Quantise the base to 4 bits on load (QLoRA)."})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantisation of the 4-bit base."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get a LoRA adapter; 'all-linear' means every linear layer but the LM head."},
+    )
+    tokenizer_pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Padding token. Default: the tokenizer's, unless it is missing or equals the end-of-turn token, "
+            "in which case an unused special token is chosen so that padding never masks a real end of turn."
+        },
+    )
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """TRL's `SFTConfig` whose precision follows the device at run time: bf16 where CUDA supports it, else float32.
+
+    TRL turns `bf16` on whenever it is left unset, which on a CPU means slow bf16 autocast; one YAML should run on a
+    laptop and on a GPU unchanged.
+    """
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bf16_supported()
+        super().__post_init__()
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse `--config file.yaml` plus `--key value` overrides into `dataclass_types`.
+
+    Unlike TRL's own scripts, an unknown key in the YAML or on the command line is an error that names the key:
+    a misspelt `learning_rate` must not silently train with the default.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    known = {f.name for dataclass_type in dataclass_types for f in fields(dataclass_type)}
+    unknown = []
+    if "--config" in args:
+        path = args[args.index("--config") + 1]
+        try:
+            with open(path) as handle:
+                config = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise SystemExit(f"error: config file not found: {path}") from None
+        if not isinstance(config, dict):
+            raise SystemExit(f"error: {path} must hold a YAML mapping of keys to values")
+        unknown += [f"{key}{_suggest(key, known)} in {path}" for key in config if key not in known and key != "env"]
+    flags = [a[2:].split("=")[0] for a in args if a.startswith("--") and a != "--config"]
+    flags = [flag for flag in flags if flag not in known and flag.removeprefix("no_") not in known]  # --no_<bool>
+    unknown += [f"--{flag}{_suggest(flag, known)} on the command line" for flag in flags]
+    if unknown:
+        raise SystemExit("error: unknown argument(s): " + "; ".join(unknown))
+    try:
+        return TrlParser(dataclass_types).parse_args_and_config(args)
+    except ValueError as error:  # a dataclass's own validation
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,264 @@
+"""Training data: sources, formats and mixtures, normalised to TRL's conversational prompt/completion form.
+
+Every example ends up as ``{"prompt": [messages], "completion": [{"role": "assistant", ...}], "example_id": str}``.
+TRL renders both with the tokenizer's chat template and trains on the completion tokens only. ``example_id`` is a
+fingerprint of the normalised example: the confidence stage keys its scores by it, because TRL drops examples that
+truncation leaves without a response token, so row positions are not stable between stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, concatenate_datasets, load_dataset
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+FORMATS = ("alpaca", "prompt_completion", "messages")
+REQUIRED_FIELDS = {
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+}
+EXAMPLE_ID = "example_id"
+
+
+class DataError(ValueError):
+    """A data problem the user can fix: the message names the file, the record and the field."""
+
+
+@dataclass
+class DataSource:
+    path: str
+    fraction: float = 1.0
+    format: str = "auto"
+    split: str = "train"
+    name: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.fraction <= 1:
+            raise DataError(f"{self.path}: `fraction` must be in (0, 1], got {self.fraction}")
+        if self.format not in ("auto", *FORMATS):
+            raise DataError(f"{self.path}: unknown format {self.format!r}; expected one of auto, {', '.join(FORMATS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _is_local(path: str) -> bool:
+    return os.path.exists(path) or path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
+
+
+def _read_json_records(path: Path) -> list[tuple[str, dict]]:
+    """Records of a .json (array) or .jsonl file, each with a location string for error messages."""
+    if path.suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
+                records.append((f"{path}, line {line_number}", record))
+        return records
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+    if isinstance(content, dict) and len(content) == 1 and isinstance(next(iter(content.values())), list):
+        content = next(iter(content.values()))  # {"train": [...]} or {"data": [...]}
+    if not isinstance(content, list):
+        raise DataError(f"{path}: expected a JSON array of records (or JSON lines in a .jsonl file)")
+    return [(f"{path}, record {index}", record) for index, record in enumerate(content)]
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: folder holds no .json, .jsonl or .parquet file")
+        return files
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type; use .json, .jsonl or .parquet")
+    return [path]
+
+
+def read_source(source: DataSource) -> list[tuple[str, dict]]:
+    """All records of a source, as (location, record) pairs."""
+    if not _is_local(source.path):
+        try:
+            dataset = load_dataset(source.path, name=source.name, split=source.split)
+        except Exception as error:  # offline, unknown id, gated: say which source failed
+            raise DataError(f"could not load Hub dataset {source.path!r} (split {source.split!r}): {error}") from None
+        return [(f"{source.path}[{source.split}], record {i}", record) for i, record in enumerate(dataset)]
+    records = []
+    for path in _local_files(Path(os.path.expanduser(source.path))):
+        if path.suffix == ".parquet":
+            dataset = Dataset.from_parquet(str(path))
+            records += [(f"{path}, record {i}", record) for i, record in enumerate(dataset)]
+        else:
+            records += _read_json_records(path)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def detect_format(record: dict, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record or "completion" in record:
+        return "prompt_completion"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    raise DataError(
+        f"{where}: cannot tell the format from its fields {sorted(record)}; expected 'instruction'/'output' "
+        "(alpaca), 'prompt'/'completion', or 'messages'"
+    )
+
+
+def _as_messages(value: Any, role: str, where: str, field_name: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{where}: field '{field_name}' must be a string or a list of {{role, content}} messages")
+
+
+def normalise(record: dict, fmt: str, where: str) -> dict:
+    """One record in TRL's conversational prompt/completion form."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name in REQUIRED_FIELDS[fmt]:
+        if record.get(name) is None:
+            raise DataError(f"{where}: missing field '{name}' (required by the {fmt} format)")
+    if fmt == "alpaca":
+        user = record["instruction"]
+        if record.get("input"):
+            user = f"{user}\n\n{record['input']}"
+        prompt, completion = [{"role": "user", "content": user}], [{"role": "assistant", "content": record["output"]}]
+    elif fmt == "prompt_completion":
+        prompt = _as_messages(record["prompt"], "user", where, "prompt")
+        completion = _as_messages(record["completion"], "assistant", where, "completion")
+    else:
+        messages = _as_messages(record["messages"], "user", where, "messages")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise DataError(f"{where}: 'messages' needs an assistant turn after at least one other message")
+        # The last assistant turn is the trained completion; earlier turns are context.
+        prompt, completion = messages[:last], [messages[last]]
+    return {"prompt": prompt, "completion": completion}
+
+
+def example_fingerprint(example: dict) -> str:
+    """A stable id of a normalised example: the same text gives the same id on every machine and every run."""
+    canonical = json.dumps([example["prompt"], example["completion"]], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
+
+
+def _is_empty(example: dict) -> bool:
+    return not "".join(m["content"] for m in example["completion"]).strip()
+
+
+def load_source(source: DataSource, seed: int = 42) -> Dataset:
+    """Read, validate and normalise one source; drop (and count) examples with an empty response."""
+    records = read_source(source)
+    if not records:
+        raise DataError(f"{source.path}: the dataset is empty")
+    fmt = source.format if source.format != "auto" else detect_format(records[0][1], records[0][0])
+    examples, empty = [], 0
+    for where, record in records:
+        example = normalise(record, fmt, where)
+        if _is_empty(example):
+            empty += 1
+            continue
+        examples.append(example)
+    if empty:
+        logger.warning("%s: dropped %d of %d examples whose response is empty", source.path, empty, len(records))
+    if not examples:
+        raise DataError(f"{source.path}: every example is empty after formatting (no response text)")
+    dataset = Dataset.from_list(examples)
+    if source.fraction < 1:
+        keep = max(1, round(source.fraction * len(dataset)))
+        dataset = dataset.shuffle(seed=seed).select(range(keep))
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixtures and splits
+
+
+def sources_from_args(script_args) -> list[DataSource]:
+    if script_args.dataset_mixture is None:
+        return [
+            DataSource(
+                path=script_args.dataset_name,
+                format=script_args.dataset_format,
+                split=script_args.dataset_train_split,
+                name=script_args.dataset_config,
+            )
+        ]
+    entries = script_args.dataset_mixture.get("datasets")
+    if not entries:
+        raise DataError("`dataset_mixture` needs a non-empty `datasets` list")
+    sources = []
+    for entry in entries:
+        unknown = set(entry) - {"path", "fraction", "format", "split", "name"}
+        if "path" not in entry or unknown:
+            raise DataError(
+                f"dataset_mixture entry {entry}: needs `path`; allowed keys: path, fraction, format, split, name"
+            )
+        sources.append(DataSource(**entry))
+    return sources
+
+
+def _deduplicate(dataset: Dataset) -> Dataset:
+    seen: set[str] = set()
+    keep = []
+    for index, example_id in enumerate(dataset[EXAMPLE_ID]):
+        if example_id not in seen:
+            seen.add(example_id)
+            keep.append(index)
+    if len(keep) < len(dataset):
+        # One id must mean one example: the confidence table is keyed by it.
+        logger.warning("dropped %d duplicate examples (same prompt and completion)", len(dataset) - len(keep))
+        dataset = dataset.select(keep)
+    return dataset
+
+
+def load_datasets(script_args) -> tuple[Dataset, Dataset | None]:
+    """The training set and the optional held-out split, normalised, fingerprinted and de-duplicated."""
+    sources = sources_from_args(script_args)
+    seed = (script_args.dataset_mixture or {}).get("seed", script_args.dataset_seed)
+    parts = [load_source(source, seed) for source in sources]
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    dataset = dataset.map(lambda example: {EXAMPLE_ID: example_fingerprint(example)})
+    dataset = _deduplicate(dataset).shuffle(seed=seed).flatten_indices()
+    eval_dataset = None
+    size = script_args.eval_split_size
+    if size:
+        eval_count = int(size) if size >= 1 else round(size * len(dataset))
+        if not 0 < eval_count < len(dataset):
+            raise DataError(f"`eval_split_size`={size} leaves no training or no held-out example of {len(dataset)}")
+        eval_dataset = dataset.select(range(eval_count))
+        dataset = dataset.select(range(eval_count, len(dataset)))
+    if script_args.max_train_examples is not None:
+        dataset = dataset.select(range(min(script_args.max_train_examples, len(dataset))))
+    logger.info("training examples: %d; held-out: %d", len(dataset), len(eval_dataset) if eval_dataset else 0)
+    return dataset, eval_dataset

@@ -1,0 +1,178 @@
+"""Model cards and Hub publishing of a trained adapter.
+
+Recipes train with `push_to_hub` off in the trainer (transformers would create the Hub repository before training
+starts, so an offline machine would fail before doing any work) and publish here once everything is saved locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+UPLOAD_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "README.md", "*.png"]
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def redact(text: str) -> str:
+    """Remove Hugging Face tokens from text that lands in logs, cards or saved configs."""
+    return _TOKEN.sub("hf_***", text)
+
+
+def _front_matter(base_model: str, datasets: list[str], tags: list[str]) -> str:
+    lines = ["---", "library_name: peft", f"base_model: {base_model}", "pipeline_tag: text-generation"]
+    if datasets:
+        lines += ["datasets:"] + [f"- {d}" for d in datasets]
+    lines += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    output_dir: str,
+    *,
+    base_model: str,
+    datasets: list[str],
+    method: str,
+    settings: dict,
+    launch_line: str,
+    sections: list[str] = (),
+    hub_model_id: str | None = None,
+) -> Path:
+    """Write `README.md` for the adapter in `output_dir`: what it is, how it was trained, how to use it."""
+    repo = hub_model_id or Path(output_dir).name
+    tags = ["trl", "peft", "lora", "qlora", "sft"] + (["sftmix"] if method == "SFTMix" else [])
+    settings_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
+    body = f"""# {repo}
+
+A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}) fine-tuned with **{method}**
+using [sftmix-trl](https://github.com/sftmix-trl/sftmix-trl) on TRL's `SFTTrainer`.
+{"SFTMix (Xiao et al., arXiv 2410.05248) adds a confidence-aware Mixup regulariser to next-token prediction." if method == "SFTMix" else ""}
+
+## Training settings
+
+| setting | value |
+| --- | --- |
+{settings_rows}
+
+{chr(10).join(sections)}
+
+## Reproduce
+
+```bash
+{redact(launch_line)}
+```
+
+## Use
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+messages = [{{"role": "user", "content": "What are common symptoms of anaemia?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+print(tokenizer.decode(model.generate(inputs, max_new_tokens=128)[0][inputs.shape[1]:], skip_special_tokens=True))
+```
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text(_front_matter(base_model, datasets, tags) + redact(body))
+    return path
+
+
+def push_folder(
+    output_dir: str,
+    repo_id: str | None,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    extra_patterns: list[str] = (),
+    api=None,
+) -> str:
+    """Upload the adapter, tokenizer, card and plots of `output_dir` to `repo_id`; return the repository URL.
+
+    Raises `PublishError` with one readable line when there is no repository id, no token or no network; the local
+    folder is complete before this is called, so nothing is lost.
+    """
+    if not repo_id:
+        raise PublishError("push_to_hub is set but `hub_model_id` is not: name the repository (user/name)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import get_token
+
+    token = token or get_token()
+    if token is None and api is None:
+        raise PublishError(
+            f"push_to_hub: no Hugging Face token (run `hf auth login` or set HF_TOKEN); the adapter is saved in "
+            f"{output_dir} and can be pushed later"
+        )
+    api = api or HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            allow_patterns=UPLOAD_PATTERNS + list(extra_patterns),
+            ignore_patterns=["checkpoint-*", "confidence/snapshots/*", "*.tmp"],
+            commit_message="Upload adapter trained with sftmix-trl",
+        )
+    except Exception as error:
+        raise PublishError(
+            f"push_to_hub to {repo_id} failed ({type(error).__name__}: {redact(str(error))[:300]}); the adapter "
+            f"is saved in {output_dir} and can be pushed later"
+        ) from None
+    return str(getattr(url, "url", url))
+
+
+def launch_line(recipe: str) -> str:
+    """The command that reproduces this run (the config path and overrides the user gave)."""
+    import sys
+
+    num = os.environ.get("WORLD_SIZE", "1")
+    prefix = "accelerate launch" + (f" --num_processes {num}" if num != "1" else "")
+    return f"{prefix} recipes/{recipe} {' '.join(sys.argv[1:])}"
+
+
+def dataset_names(script_args) -> list[str]:
+    if script_args.dataset_mixture:
+        return [entry["path"] for entry in script_args.dataset_mixture["datasets"]]
+    return [script_args.dataset_name]
+
+
+CARD_FIELDS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "seed",
+    "mixup_alpha",
+    "mixup_weight",
+    "mixup_lambda_per",
+    "confident_fraction",
+    "reference_epochs",
+    "num_confidence_checkpoints",
+)
+
+
+def card_settings(training_args, model_args) -> dict:
+    settings = {name: getattr(training_args, name) for name in CARD_FIELDS if hasattr(training_args, name)}
+    settings["world_size"] = training_args.world_size
+    settings.update(
+        load_in_4bit=model_args.load_in_4bit,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        lora_target_modules=model_args.lora_target_modules,
+    )
+    return settings

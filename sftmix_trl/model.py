@@ -1,0 +1,183 @@
+"""Model and tokenizer loading: a 4-bit (QLoRA) or 16/32-bit base, a LoRA config, a safe padding token.
+
+Device-dependent choices (compute dtype, device map) are made here at run time, so one YAML runs on a CPU and on a
+GPU unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from accelerate import PartialState
+from peft import LoraConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from trl import get_peft_config
+
+from .configs import ModelArguments, bf16_supported
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded as configured; the message says why and what to change."""
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where CUDA supports it, fp16 on older GPUs, float32 on CPU (where bf16 matmuls are slow)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _resolve_dtype(model_args: ModelArguments) -> torch.dtype:
+    if model_args.dtype in (None, "auto"):
+        return compute_dtype()
+    return getattr(torch, model_args.dtype)
+
+
+def check_4bit_available() -> None:
+    """Fail before anything is written if bitsandbytes cannot quantise on this machine."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import quantize_4bit
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        quantize_4bit(torch.ones(64, 64, device=device, dtype=compute_dtype()), quant_type="nf4")
+        del bnb
+    except Exception as error:
+        raise ModelLoadError(
+            f"load_in_4bit=True but bitsandbytes cannot run here ({type(error).__name__}: {error}). "
+            "Install a bitsandbytes build for this device, or set `load_in_4bit: false` to train a 16/32-bit base."
+        ) from None
+
+
+def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None:
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if not model_args.load_in_4bit:
+        return None
+    dtype = _resolve_dtype(model_args)
+    storage = model_args.bnb_4bit_quant_storage or "uint8"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=dtype,
+        # FSDP shards the packed 4-bit weights as ordinary tensors: their storage dtype must match the compute dtype
+        bnb_4bit_quant_storage=getattr(torch, storage) if storage != "uint8" else torch.uint8,
+    )
+
+
+def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights into its AVX512-BF16 CPU layout.
+
+    bitsandbytes 0.50.2 repacks a `Linear4bit` weight the first time it runs in eval mode without gradients, and a
+    later `state_dict()` (every checkpoint save) unpacks it wrongly: the base silently degrades. Scoring, evaluation
+    and generation all run that path, so the repack is turned off for every 4-bit layer. Returns how many were set.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def _check_model_path(path: str | None) -> str:
+    """The model path with `~` expanded; an error if it is meant to be local and does not exist."""
+    if not path:
+        raise ModelLoadError("`model_name_or_path` is not set")
+    # A Hub id is "name" or "org/name"; anything else must be a local folder
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        hint = " (run `sftmix-trl-demo-model` to build the demo model)" if "sftmix-trl" in path else ""
+        raise ModelLoadError(f"model path does not exist: {path}{hint}")
+    return os.path.expanduser(path)
+
+
+def load_tokenizer(model_args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, right-padded, with a padding token distinct from the end-of-turn token."""
+    path = _check_model_path(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelLoadError(f"could not load the tokenizer of {model_args.model_name_or_path}: {error}") from None
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(
+            f"{model_args.model_name_or_path} has no chat template; use an instruct/chat tokenizer or set "
+            "`chat_template_path`"
+        )
+    tokenizer.padding_side = "right"
+    set_pad_token(tokenizer, model_args.tokenizer_pad_token)
+    return tokenizer
+
+
+def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str | None = None) -> None:
+    """Choose a padding token that is not the end-of-turn/EOS token.
+
+    With pad == EOS, anything that masks padding by token id (attention masks rebuilt from ids, generation, some
+    collators) also masks the real end of turn, and the model never learns to stop.
+    """
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+        return
+    reserved = {tokenizer.eos_token, tokenizer.bos_token, "<|im_start|>", "<|im_end|>", "<|eot_id|>"}
+    if tokenizer.pad_token is not None and tokenizer.pad_token not in reserved:
+        return
+    preferred = ["<|finetune_right_pad_id|>", "<pad>", "<|pad|>", tokenizer.unk_token, "<|endoftext|>"]
+    vocabulary = tokenizer.get_vocab()
+    for candidate in preferred + list(tokenizer.all_special_tokens):
+        if candidate and candidate not in reserved and candidate in vocabulary:
+            tokenizer.pad_token = candidate
+            logger.info("padding token set to %r (distinct from the end-of-turn token)", candidate)
+            return
+    raise ModelLoadError(
+        "the tokenizer has no padding token distinct from its end-of-turn token; set `pad_token` to an unused token"
+    )
+
+
+def load_model(model_args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The frozen base model, quantised to 4 bits when asked, on this process's device."""
+    path = _check_model_path(model_args.model_name_or_path)
+    if trust_remote_code:
+        logger.warning("trust_remote_code=True: code from %s will run on this machine", model_args.model_name_or_path)
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        check_4bit_available()
+    quantization = quantization_config(model_args)
+    kwargs = {}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        # One full copy per process: each DDP rank loads the base on its own GPU
+        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=model_args.model_revision,
+            dtype=_resolve_dtype(model_args),
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except OSError as error:
+        raise ModelLoadError(f"could not load model {model_args.model_name_or_path}: {error}") from None
+    disable_bnb_cpu_repack(model)
+    return model
+
+
+def lora_config(model_args: ModelArguments) -> LoraConfig | None:
+    return get_peft_config(model_args)

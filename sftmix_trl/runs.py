@@ -1,0 +1,105 @@
+"""What every recipe does around training: logging, a safe output folder, resuming, saving and publishing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import hub
+
+logger = logging.getLogger("sftmix_trl")
+RUN_FILE = "sftmix_run.json"
+
+
+def setup_logging(training_args) -> None:
+    level = training_args.get_process_log_level()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
+    for name in ("sftmix_trl", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO if level <= logging.INFO else level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def resolve_resume(training_args) -> str | None:
+    """`resume_from_checkpoint: true` (or "last") means the newest checkpoint in `output_dir`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("true", "last"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise SystemExit(f"error: resume_from_checkpoint is set but {training_args.output_dir} has no checkpoint")
+        return last
+    if not os.path.isdir(value):
+        raise SystemExit(f"error: checkpoint folder not found: {value}")
+    return value
+
+
+def check_output_dir(
+    training_args, run_config: dict, resume: str | None, overwrite: bool = False, keep: str | None = None
+) -> None:
+    """Refuse to write into a non-empty `output_dir` that belongs to another run.
+
+    A folder written by this package records its run's configuration; the same configuration may continue there
+    (resume, or a re-run), anything else needs `overwrite_output_dir: true`. `keep` names a subfolder that does not
+    count (the stage-1 confidence folder, which checks its own settings).
+    """
+    out = Path(training_args.output_dir)
+    if not out.is_dir() or overwrite or resume:
+        return
+    kept = Path(keep).resolve() if keep else None
+    if not any(entry.resolve() != kept for entry in out.iterdir()):
+        return
+    record = out / RUN_FILE
+    if record.is_file() and json.loads(record.read_text()).get("config") == run_config:
+        return
+    raise SystemExit(
+        f"error: output_dir {out} is not empty and holds another run. Choose a new output_dir, resume with "
+        "`resume_from_checkpoint: true`, or pass `--overwrite_output_dir true` to write over it."
+    )
+
+
+def record_run(training_args, run_config: dict, recipe: str) -> None:
+    """Write the run's configuration (no secrets) into `output_dir`, for `check_output_dir` and for the model card."""
+    if not training_args.should_save:
+        return
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"recipe": recipe, "argv": hub.redact(" ".join(sys.argv)), "config": run_config}
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(out / RUN_FILE)
+
+
+def run_config(*dataclasses_) -> dict:
+    """The user-facing configuration of a run, without secrets, JSON-serialisable."""
+    merged = {}
+    for instance in dataclasses_:
+        values = instance.to_dict() if hasattr(instance, "to_dict") else vars(instance)
+        merged.update({k: v for k, v in values.items() if not k.startswith("_")})
+    for volatile in ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "logging_dir", "hub_token"):
+        merged.pop(volatile, None)
+    return json.loads(json.dumps(merged, default=str))
+
+
+def launch(main, dataclass_types: tuple[type, ...]) -> None:
+    """Parse the recipe's arguments and run it; a problem the user can fix ends in one line, not a traceback."""
+    from .confidence import ConfidenceError
+    from .configs import parse_args
+    from .data import DataError
+    from .model import ModelLoadError
+
+    parsed = parse_args(dataclass_types)
+    try:
+        main(*parsed)
+    except (DataError, ModelLoadError, ConfidenceError, hub.PublishError) as error:
+        raise SystemExit(f"error: {error}") from None
