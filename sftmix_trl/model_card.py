@@ -1,0 +1,49 @@
+"""The SFTMix-specific sections of the adapter's model card."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .confidence import PLOT_FILE
+
+
+def _last(log_history: list[dict], key: str) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return values[-1] if values else None
+
+
+def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[str]:
+    meta = table.metadata
+    rows = [
+        ("examples scored", meta.get("num_scored")),
+        ("confident / unconfident", f"{meta.get('num_confident')} / {meta.get('num_unconfident')}"),
+        ("excluded (no response token after truncation)", meta.get("num_excluded")),
+        ("confidence snapshots (reference steps)", meta.get("snapshot_steps")),
+        ("reference model", meta.get("run", {}).get("reference_model")),
+    ]
+    split = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    figures = [
+        (key, _last(log_history, key))
+        for key in (
+            "loss",
+            "ntp_loss",
+            "mixup_loss",
+            "ntp_loss_confident",
+            "ntp_loss_unconfident",
+            "mixup_lambda",
+            "mixed_token_fraction",
+            "eval_loss",
+            "train_runtime",
+        )
+    ]
+    training = "\n".join(f"| {key} | {value:.4g} |" for key, value in figures if value is not None)
+    plot = Path(training_args.confidence_dir) / PLOT_FILE
+    picture = ""
+    if plot.is_file():
+        relative = os.path.relpath(plot, training_args.output_dir)
+        picture = f"\n![Confidence split]({relative})\n" if not relative.startswith("..") else ""
+    return [
+        f"## Confidence split (SFTMix stage 1)\n\n| | |\n| --- | --- |\n{split}\n{picture}",
+        f"## Training figures (last logged values)\n\n| metric | value |\n| --- | --- |\n{training}\n",
+    ]

@@ -1,0 +1,68 @@
+"""`SFTMixConfig`: TRL's `SFTConfig` plus the Mixup settings (stage 2) and the reference pass settings (stage 1)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .confidence import ConfidenceConfig
+from .configs import SFTConfig
+
+
+@dataclass
+class SFTMixConfig(SFTConfig, ConfidenceConfig):
+    """Configuration of `SFTMixTrainer`. The loss is `L = L_ntp + mixup_weight * L_mix`.
+
+    `per_device_train_batch_size` is 2K: K confident and K unconfident sequences, forming K pairs.
+    """
+
+    mixup_alpha: float = field(
+        default=0.5, metadata={"help": "alpha of the Beta(alpha, alpha) distribution lambda is drawn from."}
+    )
+    mixup_weight: float = field(
+        default=0.2, metadata={"help": "mu: weight of the Mixup term added to the NTP loss (0 gives plain NTP)."}
+    )
+    mixup_lambda_per: str = field(
+        default="pair",
+        metadata={
+            "help": "Draw one lambda per pair, or one per micro-batch shared by its pairs.",
+            "choices": ["pair", "batch"],
+        },
+    )
+    mixup_chunk_size: int = field(
+        default=256,
+        metadata={"help": "Mixed positions whose float32 logits exist at once in the Mixup loss (memory knob)."},
+    )
+    confidence_table: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of an existing confidence table to train on (it must match the data and settings). "
+            "Default: `confidence_dir`, computed there first if missing."
+        },
+    )
+
+    def __post_init__(self):
+        # SFTMix needs one example per row, in the sampler's order, and the example ids kept
+        if self.packing or self.padding_free:
+            raise ValueError("SFTMix pairs whole examples: `packing` and `padding_free` must stay off")
+        if self.shuffle_dataset:
+            raise ValueError("`shuffle_dataset` must stay off: the paired sampler orders the examples")
+        if self.mixup_alpha <= 0:
+            raise ValueError(f"`mixup_alpha` must be > 0, got {self.mixup_alpha}")
+        if self.mixup_weight < 0:
+            raise ValueError(f"`mixup_weight` must be >= 0, got {self.mixup_weight}")
+        if self.per_device_train_batch_size < 2 or self.per_device_train_batch_size % 2:
+            raise ValueError(
+                "`per_device_train_batch_size` must be even (K confident + K unconfident examples), got "
+                f"{self.per_device_train_batch_size}"
+            )
+        if self.mixup_chunk_size < 1:
+            raise ValueError(f"`mixup_chunk_size` must be >= 1, got {self.mixup_chunk_size}")
+        self.validate_confidence()
+        super().__post_init__()
+        if self.confidence_dir is None:
+            self.confidence_dir = os.path.join(self.output_dir, "confidence")
+
+    @property
+    def pairs_per_device(self) -> int:
+        return self.per_device_train_batch_size // 2

@@ -1,0 +1,239 @@
+"""`SFTMixTrainer`: TRL's `SFTTrainer` with paired confident/unconfident batches and the Mixup regulariser.
+
+It overrides four hooks and leaves the rest to TRL:
+- `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k);
+- `_get_num_items_in_batch`: also counts the mixed positions of the accumulation window (and across processes), so
+  the Mixup term is normalised over the global batch exactly like TRL normalises the NTP loss;
+- `compute_loss`: TRL's own NTP loss from one forward of the wrapped model, plus `mixup_weight * mixup_loss` on the
+  final hidden states captured from that same forward by a hook on the backbone;
+- `log`/metrics: NTP and Mixup parts, mean lambda, NTP loss of each half.
+Evaluation is TRL's plain NTP loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from trl import SFTTrainer
+
+from .confidence import ConfidenceError, ConfidenceTable
+from .data import EXAMPLE_ID
+from .mixup import count_mixed_positions, mixup_loss
+from .sampler import PairedSampler
+from .sftmix_config import SFTMixConfig
+
+logger = logging.getLogger(__name__)
+ROW = "sftmix_row"  # dataset row index carried through the collator, for lambda seeding and error messages
+
+
+class _KeepRowIndex:
+    """Wraps a collator so that the batch keeps each example's dataset row index."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        rows = [example.pop(ROW) for example in examples] if ROW in examples[0] else None
+        batch = self.collator(examples)
+        if rows is not None:
+            batch[ROW] = torch.tensor(rows)
+        return batch
+
+
+class SFTMixTrainer(SFTTrainer):
+    _tag_names = ["trl", "sft", "sftmix"]
+    _name = "SFTMix"
+
+    def __init__(self, model, args: SFTMixConfig, train_dataset, confidence: ConfidenceTable, **kwargs):
+        """
+        Args:
+            model, train_dataset, **kwargs: as for `SFTTrainer`. `train_dataset` must keep the `example_id` column
+                (`sftmix_trl.data.load_datasets` adds it).
+            args: an `SFTMixConfig`.
+            confidence: the stage-1 table (`sftmix_trl.confidence.compute_confidence` or `ConfidenceTable.load`).
+        """
+        if not isinstance(args, SFTMixConfig):
+            raise TypeError(f"SFTMixTrainer needs an SFTMixConfig, got {type(args).__name__}")
+        if EXAMPLE_ID not in train_dataset.column_names:
+            raise ValueError(f"train_dataset needs an `{EXAMPLE_ID}` column (sftmix_trl.data.load_datasets adds it)")
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self._check_lm_head()
+
+        row_ids = list(self.train_dataset[EXAMPLE_ID])
+        confident_ids, unconfident_ids = confidence.split()
+        subset = {i: 0 for i in confident_ids} | {i: 1 for i in unconfident_ids}
+        missing = [i for i in row_ids if i not in subset]
+        if missing:
+            raise ConfidenceError(
+                f"{len(missing)} of {len(row_ids)} training examples have no score in the confidence table (e.g. "
+                f"{missing[:3]}): the table belongs to another dataset or max_length; recompute it"
+            )
+        self.confident_rows = [r for r, i in enumerate(row_ids) if subset[i] == 0]
+        self.unconfident_rows = [r for r, i in enumerate(row_ids) if subset[i] == 1]
+        for name, rows in (("confident", self.confident_rows), ("unconfident", self.unconfident_rows)):
+            if len(rows) < args.pairs_per_device:
+                raise ConfidenceError(
+                    f"the {name} subset has {len(rows)} examples, fewer than the {args.pairs_per_device} pairs of "
+                    "a micro-batch; lower per_device_train_batch_size"
+                )
+        self._row_ids = row_ids
+        self.train_dataset = self.train_dataset.add_column(ROW, list(range(len(row_ids))))
+        self.data_collator = _KeepRowIndex(self.data_collator)
+        self._num_mixed_in_batch = None
+        logger.info(
+            "SFTMix split: %d confident, %d unconfident training examples",
+            len(self.confident_rows),
+            len(self.unconfident_rows),
+        )
+
+    # -- data -----------------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if ROW not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW]
+
+    def _get_train_sampler(self, train_dataset=None):
+        return PairedSampler(
+            self.confident_rows,
+            self.unconfident_rows,
+            pairs_per_global_batch=self.args.pairs_per_device * self.args.world_size,
+            seed=self.args.seed,
+        )
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        num_items = super()._get_num_items_in_batch(batch_samples, device)
+        mixed = sum(count_mixed_positions(batch["labels"]) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            mixed = self.accelerator.gather(mixed).sum()
+        self._num_mixed_in_batch = mixed
+        return num_items
+
+    # -- model ----------------------------------------------------------------------------------------------------------
+
+    def _causal_lm(self, model):
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped, unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+
+    def _check_lm_head(self) -> None:
+        _, causal_lm = self._causal_lm(self.model)
+        head = causal_lm.get_output_embeddings()
+        if hasattr(head, "base_layer"):
+            raise ValueError(
+                "SFTMix needs a frozen or fully trained LM head, not a LoRA-adapted one: drop `lm_head` "
+                "from lora_target_modules"
+            )
+        config = causal_lm.config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"):
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"{type(causal_lm).__name__} scales its logits ({name}); the Mixup loss does not")
+
+    @contextmanager
+    def _capture_forward(self, model):
+        """Catch the backbone's final hidden states (the LM head's input) and the fused-head outputs of one forward
+        of the wrapped model; nothing is recomputed and the wrapper (DDP/FSDP/DeepSpeed) is not bypassed."""
+        captured = {}
+        top, causal_lm = self._causal_lm(model)
+
+        def keep_hidden(module, args, output):
+            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        def keep_outputs(module, args, kwargs, output):
+            captured["outputs"] = output
+
+        handles = [
+            causal_lm.base_model.register_forward_hook(keep_hidden),
+            top.register_forward_hook(keep_outputs, with_kwargs=True),
+        ]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _draw_lambdas(self, rows: torch.Tensor) -> torch.Tensor:
+        """lambda ~ Beta(alpha, alpha), seeded by (seed, optimizer step, the pair's rows): the same on any number of
+        processes for the same global batch, and replayed exactly on resume."""
+        pairs = rows.view(-1, 2).tolist()
+        alpha, seed, step = self.args.mixup_alpha, self.args.seed, self.state.global_step
+        if self.args.mixup_lambda_per == "batch":
+            value = np.random.default_rng([seed, step, *pairs[0]]).beta(alpha, alpha)
+            return torch.full((len(pairs),), value)
+        return torch.tensor([np.random.default_rng([seed, step, c, u]).beta(alpha, alpha) for c, u in pairs])
+
+    # -- loss -----------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs.pop(ROW, None)
+        if rows is None or not self.model.training:  # evaluation: plain NTP, exactly as SFTTrainer reports it
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self._capture_forward(model) as captured:
+            ntp_loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T)
+        _, causal_lm = self._causal_lm(model)
+        head = causal_lm.get_output_embeddings()
+        lam = self._draw_lambdas(rows)
+        with torch.set_grad_enabled(self.args.mixup_weight > 0 and torch.is_grad_enabled()):
+            mix_sum = mixup_loss(
+                hidden[0::2],
+                hidden[1::2],
+                labels[0::2],
+                labels[1::2],
+                head.weight,
+                lam,
+                lm_head_bias=head.bias,
+                chunk_size=self.args.mixup_chunk_size,
+                reduction="sum",
+            )
+        local_mixed = count_mixed_positions(labels)
+        # Normalised like TRL's NTP loss: over the mixed positions of the whole accumulation window (and of every
+        # process, scaled back up since DDP averages gradients) when the trainer counted them, else this micro-batch's
+        mixed = self._num_mixed_in_batch if num_items_in_batch is not None else local_mixed
+        mix = mix_sum / torch.as_tensor(mixed, device=mix_sum.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            mix = mix * self.accelerator.num_processes
+        loss = ntp_loss + self.args.mixup_weight * mix if self.args.mixup_weight > 0 else ntp_loss
+        self._stop_if_not_finite(loss, rows)
+        self._record_metrics(captured["outputs"], mix_sum.detach(), local_mixed, lam)
+        return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, rows: torch.Tensor) -> None:
+        # Every process learns whether any process diverged, so all stop together (no rank waits in an all-reduce)
+        finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        if self.accelerator.gather(finite).min() == 1:
+            return
+        ids = [self._row_ids[r] for r in rows.tolist()]
+        raise FloatingPointError(
+            f"non-finite loss at optimizer step {self.state.global_step + 1}; stopped before the update, no checkpoint "
+            f"written. Example ids of this process's batch: {ids}. Try a lower learning_rate or max_grad_norm."
+        )
+
+    def _record_metrics(self, outputs, mix_sum, mixed, lam) -> None:
+        gather = self.accelerator.gather_for_metrics
+        nll = -outputs.log_probs.detach()  # (2K, T-1), zero outside the response
+        mask = outputs.label_mask
+        sums = torch.stack(
+            [
+                nll.sum(),
+                mask.sum(),
+                nll[0::2].sum(),
+                mask[0::2].sum(),
+                nll[1::2].sum(),
+                mask[1::2].sum(),
+                mix_sum.to(nll.dtype),
+                torch.as_tensor(mixed, device=nll.device).to(nll.dtype),
+                lam.sum().to(nll.device, nll.dtype),
+                torch.tensor(float(len(lam)), device=nll.device, dtype=nll.dtype),
+            ]
+        ).float()
+        total = gather(sums[None]).sum(0).tolist()
+        metrics = self._metrics["train"]
+        metrics["ntp_loss"].append(total[0] / max(total[1], 1))
+        metrics["ntp_loss_confident"].append(total[2] / max(total[3], 1))
+        metrics["ntp_loss_unconfident"].append(total[4] / max(total[5], 1))
+        metrics["mixup_loss"].append(total[6] / max(total[7], 1))
+        metrics["mixed_token_fraction"].append(total[7] / max(total[1], 1))
+        metrics["mixup_lambda"].append(total[8] / max(total[9], 1))
