@@ -71,6 +71,14 @@ class ScriptArguments:
 class ModelArguments(ModelConfig):
     """TRL's `ModelConfig` with QLoRA defaults: a 4-bit nf4 base with double quantisation and LoRA on all linears."""
 
+    dtype: str | None = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the base's unquantised weights and the 4-bit compute dtype. 'auto' chooses at run time: "
+            "bfloat16 where CUDA supports it, float16 on older GPUs, float32 on a CPU.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the base stays frozen)."})
     load_in_4bit: bool = field(default=True, metadata={"help": "Quantise the base to 4 bits on load (QLoRA)."})
     use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantisation of the 4-bit base."})

@@ -73,7 +73,10 @@ def _read_json_records(path: Path) -> list[tuple[str, dict]]:
         return records
     try:
         with open(path, encoding="utf-8") as handle:
-            content = json.load(handle)
+            text = handle.read()
+        if not text.strip():
+            return []  # an empty file: reported as an empty dataset, not as malformed JSON
+        content = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
     if isinstance(content, dict) and len(content) == 1 and isinstance(next(iter(content.values())), list):
@@ -136,7 +139,9 @@ def detect_format(record: dict, where: str) -> str:
 def _as_messages(value: Any, role: str, where: str, field_name: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise DataError(f"{where}: field '{field_name}' must be a string or a list of {{role, content}} messages")
 
@@ -149,6 +154,9 @@ def normalise(record: dict, fmt: str, where: str) -> dict:
         if record.get(name) is None:
             raise DataError(f"{where}: missing field '{name}' (required by the {fmt} format)")
     if fmt == "alpaca":
+        for name in ("instruction", "input", "output"):
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise DataError(f"{where}: field '{name}' must be a string, got {type(record[name]).__name__}")
         user = record["instruction"]
         if record.get("input"):
             user = f"{user}\n\n{record['input']}"
@@ -181,9 +189,15 @@ def load_source(source: DataSource, seed: int = 42) -> Dataset:
     records = read_source(source)
     if not records:
         raise DataError(f"{source.path}: the dataset is empty")
-    fmt = source.format if source.format != "auto" else detect_format(records[0][1], records[0][0])
+    formats: dict[str, str] = {}  # with `auto`, the format of each file of a folder, from its first record
     examples, empty = [], 0
     for where, record in records:
+        fmt = source.format
+        if fmt == "auto":
+            file = where.rsplit(", ", 1)[0]  # "<file>, line N" / "<file>, record N"
+            if file not in formats:
+                formats[file] = detect_format(record, where)
+            fmt = formats[file]
         example = normalise(record, fmt, where)
         if _is_empty(example):
             empty += 1
@@ -214,15 +228,22 @@ def sources_from_args(script_args) -> list[DataSource]:
                 name=script_args.dataset_config,
             )
         ]
-    entries = script_args.dataset_mixture.get("datasets")
+    mixture = script_args.dataset_mixture
+    if not isinstance(mixture, dict):
+        raise DataError(f"`dataset_mixture` must be a mapping {{datasets: [...], seed}}, got {type(mixture).__name__}")
+    unknown = set(mixture) - {"datasets", "seed"}
+    if unknown:
+        raise DataError(f"`dataset_mixture`: unknown key(s) {sorted(unknown)}; allowed keys: datasets, seed")
+    entries = mixture.get("datasets")
     if not entries:
         raise DataError("`dataset_mixture` needs a non-empty `datasets` list")
     sources = []
     for entry in entries:
-        unknown = set(entry) - {"path", "fraction", "format", "split", "name"}
-        if "path" not in entry or unknown:
+        unknown = set(entry) - {"path", "fraction", "format", "split", "name"} if isinstance(entry, dict) else set()
+        if not isinstance(entry, dict) or "path" not in entry or unknown:
+            problem = f"unknown key(s) {sorted(unknown)}; " if unknown else ""
             raise DataError(
-                f"dataset_mixture entry {entry}: needs `path`; allowed keys: path, fraction, format, split, name"
+                f"dataset_mixture entry {entry}: {problem}needs `path`; allowed keys: path, fraction, format, split, name"
             )
         sources.append(DataSource(**entry))
     return sources

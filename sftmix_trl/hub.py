@@ -14,6 +14,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 UPLOAD_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "README.md", "*.png"]
 
 
@@ -26,8 +27,16 @@ def redact(text: str) -> str:
     return _TOKEN.sub("hf_***", text)
 
 
+def _is_local_model(base_model: str) -> bool:
+    """A local folder (or anything that is not a Hub id) is no valid `base_model`: the Hub refuses the card's commit."""
+    return os.path.isdir(os.path.expanduser(base_model)) or not _REPO_ID.fullmatch(base_model)
+
+
 def _front_matter(base_model: str, datasets: list[str], tags: list[str]) -> str:
-    lines = ["---", "library_name: peft", f"base_model: {base_model}", "pipeline_tag: text-generation"]
+    lines = ["---", "library_name: peft"]
+    if not _is_local_model(base_model):
+        lines.append(f"base_model: {base_model}")
+    lines.append("pipeline_tag: text-generation")
     if datasets:
         lines += ["datasets:"] + [f"- {d}" for d in datasets]
     lines += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
@@ -49,9 +58,13 @@ def write_model_card(
     repo = hub_model_id or Path(output_dir).name
     tags = ["trl", "peft", "lora", "qlora", "sft"] + (["sftmix"] if method == "SFTMix" else [])
     settings_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
+    if _is_local_model(base_model):
+        base = f"`{base_model}` (a local model)"
+    else:
+        base = f"[{base_model}](https://huggingface.co/{base_model})"
     body = f"""# {repo}
 
-A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}) fine-tuned with **{method}**
+A LoRA adapter for {base} fine-tuned with **{method}**
 using [sftmix-trl](https://github.com/sftmix-trl/sftmix-trl) on TRL's `SFTTrainer`.
 {"SFTMix (Xiao et al., arXiv 2410.05248) adds a confidence-aware Mixup regulariser to next-token prediction." if method == "SFTMix" else ""}
 

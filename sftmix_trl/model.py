@@ -133,6 +133,8 @@ def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str | None = No
     collators) also masks the real end of turn, and the model never learns to stop.
     """
     if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():  # a new token would need a resized embedding matrix
+            raise ModelLoadError(f"`tokenizer_pad_token` {pad_token!r} is not in the tokenizer's vocabulary")
         tokenizer.pad_token = pad_token
         return
     reserved = {tokenizer.eos_token, tokenizer.bos_token, "<|im_start|>", "<|im_end|>", "<|eot_id|>"}

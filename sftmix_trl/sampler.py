@@ -35,7 +35,7 @@ class PairedSampler(Sampler[int]):
             pairs_per_global_batch: K x number of processes; the epoch is a whole number of these.
             seed: the run's seed; the epoch is mixed in by `set_epoch`.
         """
-        if not confident or not unconfident:
+        if len(confident) == 0 or len(unconfident) == 0:  # `not array` fails on numpy arrays and tensors
             raise ValueError(f"both subsets need examples: {len(confident)} confident, {len(unconfident)} unconfident")
         if pairs_per_global_batch < 1:
             raise ValueError(f"pairs_per_global_batch must be >= 1, got {pairs_per_global_batch}")

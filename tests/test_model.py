@@ -1,0 +1,165 @@
+"""Model and tokenizer loading on the CPU: 4-bit (QLoRA) and 16/32-bit bases, padding, errors, the repack guard."""
+
+import re
+
+import bitsandbytes
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from peft import get_peft_model
+
+from sftmix_trl.configs import ModelArguments
+from sftmix_trl.model import ModelLoadError, load_model, load_tokenizer, lora_config, quantization_config
+
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+TINY_LAYERS = 2
+
+
+@pytest.fixture
+def model_args(tiny_model):
+    def make(**kwargs) -> ModelArguments:
+        return ModelArguments(model_name_or_path=str(tiny_model), lora_r=4, lora_alpha=8, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def batch(model_args):
+    tokenizer = load_tokenizer(model_args())
+    encoded = tokenizer(
+        ["Explain what a blockchain is in simple terms.", "What is the tallest mountain?"],
+        return_tensors="pt",
+        padding=True,
+    )
+    encoded["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    assert (encoded["labels"] == -100).any()  # the batch really holds padding
+    return encoded
+
+
+def linear4bit_layers(model) -> list[Linear4bit]:
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def test_4bit_load_with_lora_trains_only_the_adapter(model_args, batch):
+    args = model_args()
+    model = load_model(args)
+    assert len(linear4bit_layers(model)) == TINY_LAYERS * LINEARS_PER_LAYER
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert model.model.layers[0].mlp.down_proj.weight.quant_state is not None
+    assert not isinstance(model.lm_head, Linear4bit)
+
+    peft_model = get_peft_model(model, lora_config(args))
+    peft_model.train()
+    loss = peft_model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    with_grad = {name for name, p in peft_model.named_parameters() if p.grad is not None}
+    lora = {name for name, p in peft_model.named_parameters() if "lora_" in name}
+    assert len(lora) == 2 * TINY_LAYERS * LINEARS_PER_LAYER  # A and B of every linear layer ("all-linear")
+    assert with_grad == lora
+    assert any(peft_model.get_parameter(name).grad.abs().sum() > 0 for name in with_grad)
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable == lora
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [(None, torch.float32), ("bfloat16", torch.bfloat16)])
+def test_16_32_bit_load(model_args, batch, dtype, expected):
+    kwargs = {"dtype": dtype} if dtype else {}
+    model = load_model(model_args(load_in_4bit=False, **kwargs))
+    assert not linear4bit_layers(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert model.dtype == expected  # "auto" is float32 on a CPU
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_tokenizer_pad_token_is_not_the_end_of_turn(model_args):
+    tokenizer = load_tokenizer(model_args())
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token not in (tokenizer.eos_token, "<|im_end|>", "<|im_start|>")
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert tokenizer.padding_side == "right"
+    padded = tokenizer(["a", "a longer text"], padding=True)["input_ids"][0]
+    assert padded[-1] == tokenizer.pad_token_id
+
+
+def test_tokenizer_pad_token_override(model_args):
+    tokenizer = load_tokenizer(model_args(tokenizer_pad_token="<|im_start|>"))
+    assert tokenizer.pad_token == "<|im_start|>"
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    with pytest.raises(ModelLoadError, match=r"'<my_pad>' is not in the tokenizer's vocabulary"):
+        load_tokenizer(model_args(tokenizer_pad_token="<my_pad>"))
+
+
+def test_missing_model_path(tmp_path):
+    path = tmp_path / "no-such-model"
+    args = ModelArguments(model_name_or_path=str(path))
+    with pytest.raises(ModelLoadError, match=f"model path does not exist: {re.escape(str(path))}"):
+        load_model(args)
+    with pytest.raises(ModelLoadError, match=f"model path does not exist: {re.escape(str(path))}"):
+        load_tokenizer(args)
+
+
+def test_4bit_where_bitsandbytes_cannot_run(model_args, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", broken)
+    with pytest.raises(ModelLoadError, match=r"load_in_4bit=True but bitsandbytes cannot run here") as error:
+        load_model(model_args())
+    assert "no 4-bit kernel for this device" in str(error.value)
+    assert "load_in_4bit: false" in str(error.value)
+    assert not linear4bit_layers(load_model(model_args(load_in_4bit=False)))  # the way out works
+
+
+def test_bnb_cpu_repack_guard(model_args, batch, monkeypatch):
+    """bitsandbytes 0.50.2 repacks 4-bit weights on an AVX512-BF16 CPU in eval/no-grad mode, and `state_dict()`
+    then corrupts them. Pretend this CPU has AVX512-BF16 so that the guard, not the hardware, keeps the repack off."""
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model = load_model(model_args())
+    layers = linear4bit_layers(model)
+    assert len(layers) == TINY_LAYERS * LINEARS_PER_LAYER
+    assert all(layer.support_avx512bf16_for_cpu is False for layer in layers)
+
+    def loss() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**batch).loss
+
+    model.train()  # the path that never repacks
+    reference = loss()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    assert torch.equal(loss(), reference)
+    state_after = model.state_dict()
+    assert torch.equal(loss(), reference)
+    model.train()
+    assert torch.equal(loss(), reference)
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
+def test_quantization_config_on_cpu(model_args):
+    config = quantization_config(model_args())
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_compute_dtype == torch.float32
+    assert config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant is True
+    assert config.bnb_4bit_quant_storage == torch.uint8
+    stored = quantization_config(model_args(bnb_4bit_quant_storage="bfloat16"))
+    assert stored.bnb_4bit_quant_storage == torch.bfloat16
+    assert stored.bnb_4bit_compute_dtype == torch.float32
+    assert quantization_config(model_args(load_in_4bit=False)) is None
+
+
+def test_quantization_config_compute_dtype_follows_the_device(model_args, monkeypatch):
+    """The default `dtype` resolves at run time: bf16 on a bf16-capable GPU, not TRL's float32 default."""
+    import sftmix_trl.model as model_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_module, "bf16_supported", lambda: True)
+    assert quantization_config(model_args()).bnb_4bit_compute_dtype == torch.bfloat16
+    monkeypatch.setattr(model_module, "bf16_supported", lambda: False)
+    assert quantization_config(model_args()).bnb_4bit_compute_dtype == torch.float16
+    assert quantization_config(model_args(dtype="float32")).bnb_4bit_compute_dtype == torch.float32

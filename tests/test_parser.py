@@ -1,0 +1,160 @@
+"""The strict YAML + command-line parser, and every shipped config parsed with its recipe's dataclasses."""
+
+import ast
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig, parse_args
+from sftmix_trl.data import LOCAL_SUFFIXES, sources_from_args
+
+SFT_TYPES = (ScriptArguments, SFTConfig, ModelArguments)
+MIXTURE = {"datasets": [{"path": "data/demo/health_qa.json", "fraction": 0.5}, {"path": "a.jsonl"}], "seed": 3}
+
+
+@pytest.fixture
+def config(tmp_path):
+    def write(values: dict) -> str:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), **values}))
+        return str(path)
+
+    return write
+
+
+def test_yaml_with_command_line_override(config):
+    path = config({"dataset_name": "data/demo/health_qa.json", "learning_rate": 1.0e-4, "lora_r": 8})
+    script_args, training_args, model_args = parse_args(SFT_TYPES, ["--config", path, "--learning_rate", "3e-4"])
+    assert training_args.learning_rate == 3e-4  # the command line wins
+    assert model_args.lora_r == 8  # the YAML beats the default (16)
+    assert script_args.dataset_name == "data/demo/health_qa.json"
+    assert training_args.output_dir.endswith("out")
+
+
+def test_unknown_yaml_key_names_it_and_suggests(config):
+    path = config({"dataset_name": "x.jsonl", "learning_rat": 1.0e-4})
+    with pytest.raises(SystemExit, match=r"learning_rat \(did you mean `learning_rate`\?\) in .*config\.yaml"):
+        parse_args(SFT_TYPES, ["--config", path])
+
+
+@pytest.mark.parametrize("flag", [["--learning_rat", "1e-4"], ["--learning_rat=1e-4"]])
+def test_unknown_command_line_flag_names_it_and_suggests(config, flag):
+    path = config({"dataset_name": "x.jsonl"})
+    with pytest.raises(SystemExit, match=r"--learning_rat \(did you mean `learning_rate`\?\) on the command line"):
+        parse_args(SFT_TYPES, ["--config", path, *flag])
+
+
+def test_negated_boolean_flag(config):
+    path = config({"dataset_name": "x.jsonl", "load_in_4bit": True})
+    assert parse_args(SFT_TYPES, ["--config", path])[2].load_in_4bit is True
+    assert parse_args(SFT_TYPES, ["--config", path, "--no_load_in_4bit"])[2].load_in_4bit is False
+    assert parse_args(SFT_TYPES, ["--config", path, "--load_in_4bit", "false"])[2].load_in_4bit is False
+
+
+def test_dataset_mixture_as_yaml_mapping(config):
+    script_args = parse_args(SFT_TYPES, ["--config", config({"dataset_mixture": MIXTURE})])[0]
+    assert script_args.dataset_mixture == MIXTURE
+    assert script_args.dataset_name is None
+    assert [(s.path, s.fraction) for s in sources_from_args(script_args)] == [
+        ("data/demo/health_qa.json", 0.5),
+        ("a.jsonl", 1.0),
+    ]
+
+
+def test_dataset_mixture_as_json_on_the_command_line(tmp_path):
+    args = ["--dataset_mixture", json.dumps(MIXTURE), "--output_dir", str(tmp_path)]
+    assert parse_args(SFT_TYPES, args)[0].dataset_mixture == MIXTURE
+
+
+def test_dataset_name_and_mixture_together_is_an_error(tmp_path):
+    args = ["--dataset_name", "x.jsonl", "--dataset_mixture", json.dumps(MIXTURE), "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"Set one of `dataset_name` and `dataset_mixture`"):
+        parse_args(SFT_TYPES, args)
+
+
+def test_bf16_follows_the_device_when_unset(config):
+    training_args = parse_args(SFT_TYPES, ["--config", config({"dataset_name": "x.jsonl"})])[1]
+    expected = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert training_args.bf16 is expected
+    if not torch.cuda.is_available():
+        assert training_args.bf16 is False  # TRL's own default would turn bf16 on, even on a CPU
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit, match=r"config file not found: .*nope\.yaml"):
+        parse_args(SFT_TYPES, ["--config", str(path)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every shipped config parses with the dataclasses of its recipe
+
+
+CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
+
+
+def recipe_dataclasses(config_path: Path) -> tuple[type, ...]:
+    """The dataclasses of the recipe a config is named after (`sftmix_qlora.yaml` -> recipes/sftmix.py), read from
+    the recipe's `launch(main, (...))` call and its imports."""
+    matches = [name for name in RECIPES if config_path.stem == name or config_path.stem.startswith(name + "_")]
+    assert matches, f"{config_path}: name it after its recipe (<recipe>_*.yaml, one of {RECIPES})"
+    recipe = ROOT / "recipes" / f"{max(matches, key=len)}.py"
+    tree = ast.parse(recipe.read_text())
+    modules = {
+        alias.asname or alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"
+    ]
+    assert len(calls) == 1, f"{recipe}: expected one launch(main, (...)) call"
+    names = [element.id for element in calls[0].args[1].elts]
+    return tuple(getattr(importlib.import_module(modules[name]), name) for name in names)
+
+
+def test_known_recipe_dataclasses():
+    from sftmix_trl.sftmix_config import SFTMixConfig
+
+    assert recipe_dataclasses(Path("configs/demo/sft_qlora.yaml")) == SFT_TYPES
+    assert recipe_dataclasses(Path("configs/demo/sftmix_qlora.yaml")) == (
+        ScriptArguments,
+        SFTMixConfig,
+        ModelArguments,
+    )
+
+
+def test_configs_exist():
+    assert Path("configs/demo/sft_qlora.yaml") in CONFIGS
+    assert Path("configs/demo/sftmix_qlora.yaml") in CONFIGS
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=str)
+def test_shipped_config_parses(config_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    dataclass_types = recipe_dataclasses(config_path)
+    parsed = parse_args(dataclass_types, ["--config", str(config_path)])
+    assert [type(p) for p in parsed] == list(dataclass_types)
+    script_args, training_args, model_args = parsed
+    values = yaml.safe_load(config_path.read_text())
+    for key, value in values.items():  # every key has a home; numbers and booleans arrive unchanged
+        holders = [p for p in parsed if hasattr(p, key)]
+        assert holders, key
+        if isinstance(value, (bool, int, float)):
+            assert getattr(holders[0], key) == value, key
+    assert script_args.dataset_mixture == values.get("dataset_mixture")
+    assert model_args.model_name_or_path
+    if not torch.cuda.is_available():
+        assert training_args.bf16 is False
+    for source in sources_from_args(script_args):  # local data files referenced by the config exist
+        if source.path.endswith(LOCAL_SUFFIXES):
+            assert (ROOT / source.path).is_file(), source.path
