@@ -24,7 +24,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     resume = resolve_resume(training_args)
     check_output_dir(training_args, config, resume, script_args.overwrite_output_dir)
     train_dataset, eval_dataset = load_datasets(script_args)
-    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code, training_args.chat_template_path)
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally

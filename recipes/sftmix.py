@@ -36,7 +36,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         training_args.confidence_table or training_args.confidence_dir,
         must_exist=training_args.confidence_table is not None,
     )
-    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code, training_args.chat_template_path)
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally

@@ -235,16 +235,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int
 
 def _response_log_probs(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log p(label) (B, T-1) and the response mask, without the full logits where TRL's head is fitted."""
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    if getattr(out, "log_probs", None) is not None:
         return out.log_probs.double(), out.label_mask
-    except TypeError:  # a model without TRL's fused head: full logits, in float32 at least
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        targets = labels[:, 1:]
-        mask = targets != -100
-        log_probs = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-        return log_probs.double().masked_fill(~mask, 0.0), mask
+    # A model without TRL's fused head ignores the flag and returns logits: score them in float32 at least
+    logits = out.logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:]
+    mask = targets != -100
+    log_probs = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    return log_probs.double().masked_fill(~mask, 0.0), mask
 
 
 @torch.no_grad()
@@ -426,7 +426,7 @@ def compute_confidence(
     reference_args = dataclasses.replace(
         model_args, model_name_or_path=config.reference_model_name_or_path or model_args.model_name_or_path
     )
-    tokenizer = load_tokenizer(reference_args, training_args.trust_remote_code)
+    tokenizer = load_tokenizer(reference_args, training_args.trust_remote_code, training_args.chat_template_path)
     expected = expected_metadata(train_dataset, model_args, training_args, config, tokenizer)
 
     if (directory / TABLE_FILE).is_file():

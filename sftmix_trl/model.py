@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -107,8 +108,13 @@ def _check_model_path(path: str | None) -> str:
     return os.path.expanduser(path)
 
 
-def load_tokenizer(model_args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The base's tokenizer, right-padded, with a padding token distinct from the end-of-turn token."""
+def load_tokenizer(
+    model_args: ModelArguments, trust_remote_code: bool = False, chat_template_path: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, right-padded, with a padding token distinct from the end-of-turn token.
+
+    `chat_template_path` (a .jinja file) gives a base model without a chat template one to train and generate with.
+    """
     path = _check_model_path(model_args.model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -116,6 +122,10 @@ def load_tokenizer(model_args: ModelArguments, trust_remote_code: bool = False) 
         )
     except OSError as error:
         raise ModelLoadError(f"could not load the tokenizer of {model_args.model_name_or_path}: {error}") from None
+    if chat_template_path is not None:
+        if not chat_template_path.endswith(".jinja") or not os.path.isfile(chat_template_path):
+            raise ModelLoadError(f"`chat_template_path` must be an existing .jinja file, got {chat_template_path}")
+        tokenizer.chat_template = Path(chat_template_path).read_text()
     if tokenizer.chat_template is None:
         raise ModelLoadError(
             f"{model_args.model_name_or_path} has no chat template; use an instruct/chat tokenizer or set "
