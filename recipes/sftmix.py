@@ -52,6 +52,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     record_run(training_args, config, "sftmix.py")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged figures, for cards, studies and tests
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         hub.write_model_card(

@@ -233,18 +233,28 @@ def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _response_log_probs(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position log p(label) (B, T-1) and the response mask, without the full logits where TRL's head is fitted."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-    if getattr(out, "log_probs", None) is not None:
-        return out.log_probs.double(), out.label_mask
-    # A model without TRL's fused head ignores the flag and returns logits: score them in float32 at least
-    logits = out.logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+def _response_log_probs(
+    model, input_ids, attention_mask, labels, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label) at each response-predicting position (B, T-1), zero elsewhere, and that mask.
+
+    The LM head runs on the response positions only, in chunks: prompts and padding cost no vocabulary projection,
+    and the full (B, T, V) logits never exist.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
-    mask = targets != -100
-    log_probs = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-    return log_probs.double().masked_fill(~mask, 0.0), mask
+    mask = targets != -100  # (B, T-1)
+    selected, wanted = hidden[mask], targets[mask]  # (M, D), (M,)
+    head = causal_lm.get_output_embeddings()
+    chunks = []
+    for start in range(0, len(wanted), chunk_size):
+        logits = head(selected[start : start + chunk_size])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        chunks.append(logits.log_softmax(-1).gather(1, wanted[start : start + chunk_size, None]).squeeze(1))
+    log_probs = torch.zeros(mask.shape, dtype=torch.float64, device=hidden.device)
+    log_probs[mask] = torch.cat(chunks).double() if chunks else log_probs.new_zeros(0)
+    return log_probs, mask
 
 
 @torch.no_grad()

@@ -96,10 +96,11 @@ def launch(main, dataclass_types: tuple[type, ...]) -> None:
     from .confidence import ConfidenceError
     from .configs import parse_args
     from .data import DataError
+    from .evaluation.errors import EvalError
     from .model import ModelLoadError
 
     parsed = parse_args(dataclass_types)
     try:
         main(*parsed)
-    except (DataError, ModelLoadError, ConfidenceError, hub.PublishError) as error:
+    except (DataError, ModelLoadError, ConfidenceError, hub.PublishError, EvalError) as error:
         raise SystemExit(f"error: {error}") from None

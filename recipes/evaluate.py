@@ -1,0 +1,38 @@
+"""Evaluate a base model, or a base + saved LoRA adapter: IFEval, medical multiple choice, response perplexity.
+
+python recipes/evaluate.py --config configs/eval/demo.yaml [--adapter_path outputs/demo/sftmix_qlora] [--key value ...]
+accelerate launch recipes/evaluate.py --config configs/eval/demo.yaml   # several processes share the items
+
+Writes eval_results.json (every figure, the model, adapter and configuration it came from, package versions),
+eval_results.md and samples_<task>.jsonl into `output_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import datasets
+import transformers
+
+from sftmix_trl.configs import ModelArguments
+from sftmix_trl.evaluation import EvalArguments, evaluate
+from sftmix_trl.runs import launch
+
+logger = logging.getLogger(__name__)
+
+
+def main(eval_args: EvalArguments, model_args: ModelArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
+    for name in ("sftmix_trl", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.set_verbosity_warning()
+    payload = evaluate(eval_args, model_args)
+    logger.info("done in %.0f s: %s/eval_results.json", payload["wall_seconds"], eval_args.output_dir)
+
+
+if __name__ == "__main__":
+    launch(main, (EvalArguments, ModelArguments))

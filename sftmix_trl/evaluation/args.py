@@ -1,0 +1,176 @@
+"""`EvalArguments`: what `recipes/evaluate.py` evaluates, on which data, and where it writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import EvalError
+
+MMLU_MEDICAL_SUBJECTS = (
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "medical_genetics",
+    "professional_medicine",
+)
+# task -> the EvalArguments field that says where its data is (None: no data needed beyond the model)
+TASK_DATA = {
+    "ifeval": "ifeval_data",
+    "pubmedqa": "pubmedqa_data",
+    "mmlu_medical": "mmlu_medical_data",
+    "medqa": "medqa_data",
+    "medmcqa": "medmcqa_data",
+    "perplexity": "perplexity_data",
+}
+TASKS = tuple(TASK_DATA)
+MULTIPLE_CHOICE_TASKS = ("pubmedqa", "mmlu_medical", "medqa", "medmcqa")
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+
+
+@dataclass
+class EvalArguments:
+    """Tasks, data and settings of an evaluation run (the base model itself comes from `ModelArguments`)."""
+
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"Tasks to run, any of: {', '.join(TASKS)} (a list in YAML; space- or comma-separated on the "
+            "command line)."
+        },
+    )
+    adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a saved PEFT (LoRA) adapter to evaluate on top of `model_name_or_path`; unset "
+            "evaluates the base model alone. Checked against the base (architecture, target modules, shapes) "
+            "before anything is generated."
+        },
+    )
+    output_dir: str = field(
+        default="outputs/eval",
+        metadata={
+            "help": "Folder for eval_results.json, eval_results.md and the per-task samples_<task>.jsonl; files of "
+            "an earlier evaluation there are overwritten."
+        },
+    )
+    ifeval_data: str = field(
+        default="google/IFEval",
+        metadata={
+            "help": "IFEval prompts: a local input_data.jsonl (key, prompt, instruction_id_list, kwargs) or a Hub "
+            "dataset id (split `train`)."
+        },
+    )
+    pubmedqa_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder holding PubMedQA's pubmedqa_ori_pqal.json (or ori_pqal.json) and "
+            "pubmedqa_test_ground_truth.json (or test_ground_truth.json): the 500-item test split is scored."
+        },
+    )
+    mmlu_medical_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of MMLU CSV files named <subject>_<split>.csv, without header: question, A, B, C, D, "
+            "answer letter."
+        },
+    )
+    mmlu_split: str = field(
+        default="test",
+        metadata={"help": "Which MMLU CSV files to score: <subject>_<mmlu_split>.csv (test, val or dev)."},
+    )
+    mmlu_subjects: list[str] = field(
+        default_factory=lambda: list(MMLU_MEDICAL_SUBJECTS),
+        metadata={"help": "MMLU subjects scored by the `mmlu_medical` task; each is reported on its own too."},
+    )
+    medqa_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "MedQA as a local .json/.jsonl file: records {question, options, answer} where options is a "
+            "{letter: text} mapping or a list, and answer is a letter, a 0-based index or the option's text "
+            "(MedQA's own `answer_idx` is read too)."
+        },
+    )
+    medmcqa_data: str | None = field(
+        default=None,
+        metadata={"help": "MedMCQA as a local .json/.jsonl file, in the same schema as `medqa_data`."},
+    )
+    perplexity_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data for held-out response perplexity: anything `dataset_name` of the training recipes "
+            "accepts (local .json/.jsonl/.parquet file or folder, or a Hub id), in any format they read."
+        },
+    )
+    perplexity_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Record format of `perplexity_data` (as `dataset_format`).",
+            "choices": ["auto", "alpaca", "prompt_completion", "messages"],
+        },
+    )
+    perplexity_split: str = field(default="train", metadata={"help": "Split of a Hub `perplexity_data`."})
+    perplexity_held_out: float = field(
+        default=0.0,
+        metadata={
+            "help": "0 scores every example of `perplexity_data`. Otherwise only the held-out split a training "
+            "run with `eval_split_size` = this value and `dataset_seed` = `perplexity_seed` made of the same file."
+        },
+    )
+    perplexity_seed: int = field(default=42, metadata={"help": "Seed of that held-out split (`dataset_seed`)."})
+    max_new_tokens: int = field(
+        default=1280,
+        metadata={"help": "Longest IFEval response generated (greedy); lm-eval-harness uses 1280."},
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "Sequences per forward pass, for generation and for scoring."}
+    )
+    max_length: int = field(
+        default=2048,
+        metadata={
+            "help": "Longest sequence scored (multiple choice, perplexity): longer prompts lose their start, longer "
+            "responses their end."
+        },
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score only the first `limit` items of each task (of each subject for MMLU), for quick runs. "
+            "Figures from a limited run are not comparable with published ones."
+        },
+    )
+
+    def __post_init__(self):
+        self.tasks = _as_list(self.tasks)
+        self.mmlu_subjects = _as_list(self.mmlu_subjects)
+        validate_tasks(self.tasks)
+        for task in self.tasks:
+            if getattr(self, TASK_DATA[task]) in (None, ""):
+                raise EvalError(f"task {task!r} needs `{TASK_DATA[task]}`: where its data is")
+        if "mmlu_medical" in self.tasks and not self.mmlu_subjects:
+            raise EvalError("`mmlu_subjects` is empty")
+        for name in ("max_new_tokens", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise EvalError(f"`limit` must be >= 1 (or unset), got {self.limit}")
+        if self.perplexity_held_out < 0:
+            raise EvalError(f"`perplexity_held_out` must be >= 0, got {self.perplexity_held_out}")
+
+
+def validate_tasks(tasks: list[str]) -> None:
+    available = ", ".join(TASKS)
+    if not tasks:
+        raise EvalError(f"no task to evaluate: set `tasks` to one or more of: {available}")
+    unknown = [task for task in tasks if task not in TASK_DATA]
+    if unknown:
+        raise EvalError(f"unknown task(s) {', '.join(map(repr, unknown))}; available tasks: {available}")
+    if len(set(tasks)) < len(tasks):
+        raise EvalError(f"task list {tasks} names a task twice")

@@ -1,0 +1,7 @@
+"""The evaluation's one exception: a problem the user can fix, reported in one line by `sftmix_trl.runs.launch`."""
+
+from __future__ import annotations
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (task list, data file, adapter folder, NLTK data); the message says what to change."""

@@ -1,0 +1,143 @@
+"""IFEval: prompts, their NLTK prerequisite, and scoring with the instruction rules lm-eval-harness ships.
+
+The rules themselves are lm-eval-harness's (`lm_eval.tasks.ifeval`): this module only loads prompts, matches
+responses to them and aggregates the verdicts into the four published figures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..data import DataSource, read_source
+from .errors import EvalError
+
+IFEVAL_HUB_ID = "google/IFEval"
+IFEVAL_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
+PUNKT = "tokenizers/punkt_tab/english/"
+
+
+@dataclass
+class IFEvalPrompt:
+    key: int
+    prompt: str
+    instruction_id_list: list[str]
+    kwargs: list[dict[str, Any]]
+
+
+def check_punkt() -> None:
+    """Fail (in one line) unless NLTK's punkt_tab, which the rules need, is installed.
+
+    Checked before lm-eval's rules are imported: on import they try to download it, which offline hangs or fails
+    half-way through a run.
+    """
+    import nltk
+
+    for folder in os.environ.get("NLTK_DATA", "").split(os.pathsep):  # also when set after nltk was imported
+        if folder and folder not in nltk.data.path:
+            nltk.data.path.insert(0, folder)
+    try:
+        nltk.data.find(PUNKT)
+    except LookupError:
+        raise EvalError(
+            "IFEval's rules need NLTK's `punkt_tab` sentence splitter, which is not installed: set NLTK_DATA to a "
+            "folder holding tokenizers/punkt_tab/english (the shared data's nltk_data/ has it), or run "
+            "`python -m nltk.downloader punkt_tab` where a network is reachable"
+        ) from None
+
+
+def _rules():
+    check_punkt()
+    try:
+        import langdetect
+        from lm_eval.tasks.ifeval import instructions_registry, utils
+    except ImportError as error:
+        raise EvalError(
+            f"IFEval needs lm-eval-harness ({error}); install it with `pip install -e '.[eval]'`"
+        ) from None
+    langdetect.DetectorFactory.seed = 0  # the language rules call langdetect, which is random unless seeded
+    return utils, instructions_registry
+
+
+def load_ifeval(path: str = IFEVAL_HUB_ID, limit: int | None = None) -> list[IFEvalPrompt]:
+    """IFEval prompts from a local input_data.jsonl or the Hub (`google/IFEval`, split train), validated."""
+    _, registry = _rules()
+    records = read_source(DataSource(path=path, split="train"))
+    if not records:
+        raise EvalError(f"{path}: no IFEval prompt in it")
+    prompts = []
+    for where, record in records[:limit]:
+        if not isinstance(record, dict):
+            raise EvalError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for name in IFEVAL_FIELDS:
+            if record.get(name) is None:
+                raise EvalError(f"{where}: missing field '{name}' (an IFEval prompt needs {', '.join(IFEVAL_FIELDS)})")
+        ids, kwargs = record["instruction_id_list"], record["kwargs"]
+        if not isinstance(record["prompt"], str):
+            raise EvalError(f"{where}: field 'prompt' must be a string")
+        if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+            raise EvalError(f"{where}: 'instruction_id_list' and 'kwargs' must be lists of the same length")
+        unknown = [i for i in ids if i not in registry.INSTRUCTION_DICT]
+        if unknown:
+            raise EvalError(f"{where}: field 'instruction_id_list' names unknown instruction(s) {unknown}")
+        prompts.append(IFEvalPrompt(int(record["key"]), record["prompt"], list(ids), [dict(k or {}) for k in kwargs]))
+    return prompts
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def match_responses(prompts: list[IFEvalPrompt], records: list[dict]) -> list[str]:
+    """The response to each prompt from `{prompt, response}` records, matched by prompt text.
+
+    A prompt without an identical record takes the record sharing its longest common prefix (one IFEval prompt was
+    edited upstream after published responses were made), if that prefix is at least half the prompt.
+    """
+    exact = {r["prompt"]: r["response"] for r in records}
+    responses = []
+    for p in prompts:
+        if p.prompt in exact:
+            responses.append(exact[p.prompt])
+            continue
+        best = max(records, key=lambda r: _common_prefix(r["prompt"], p.prompt), default=None)
+        if best is None or _common_prefix(best["prompt"], p.prompt) < len(p.prompt) / 2:
+            raise EvalError(f"no response for IFEval prompt {p.key}: {p.prompt[:80]!r}")
+        responses.append(best["response"])
+    return responses
+
+
+def score_ifeval(prompts: list[IFEvalPrompt], responses: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """Prompt- and instruction-level accuracy, strict and loose, and the per-prompt verdicts."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    utils, _ = _rules()
+    samples = []
+    for p, response in zip(prompts, responses):
+        inp = utils.InputExample(
+            key=p.key, instruction_id_list=p.instruction_id_list, prompt=p.prompt, kwargs=p.kwargs
+        )
+        strict = utils.test_instruction_following_strict(inp, response)
+        loose = utils.test_instruction_following_loose(inp, response)
+        samples.append(
+            {
+                "key": p.key,
+                "prompt": p.prompt,
+                "response": response,
+                "instruction_id_list": p.instruction_id_list,
+                "follow_all_instructions_strict": strict.follow_all_instructions,
+                "follow_instruction_list_strict": strict.follow_instruction_list,
+                "follow_all_instructions_loose": loose.follow_all_instructions,
+                "follow_instruction_list_loose": loose.follow_instruction_list,
+            }
+        )
+    metrics = {}
+    for mode in ("strict", "loose"):
+        prompt_level = [s[f"follow_all_instructions_{mode}"] for s in samples]
+        inst_level = [v for s in samples for v in s[f"follow_instruction_list_{mode}"]]
+        metrics[f"prompt_level_{mode}_acc"] = sum(prompt_level) / max(len(prompt_level), 1)
+        metrics[f"inst_level_{mode}_acc"] = sum(inst_level) / max(len(inst_level), 1)
+    metrics["n_prompts"] = len(samples)
+    metrics["n_instructions"] = sum(len(s["instruction_id_list"]) for s in samples)
+    return metrics, samples

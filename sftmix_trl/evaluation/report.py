@@ -1,0 +1,94 @@
+"""What an evaluation writes: eval_results.json (every figure and where it came from), eval_results.md, samples."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS_JSON = "eval_results.json"
+RESULTS_MD = "eval_results.md"
+PACKAGES = (
+    "sftmix-trl",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "lm-eval",
+    "nltk",
+    "langdetect",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(payload: dict) -> str:
+    """A Markdown summary: one row per figure."""
+    model = payload["model"]
+    lines = [
+        f"# Evaluation of {model['model_name_or_path']}"
+        + (f" + {model['adapter_path']}" if model["adapter_path"] else ""),
+        "",
+        f"{'4-bit' if model['load_in_4bit'] else model['dtype']} base; limit {payload['config'].get('limit')}; "
+        f"{payload['device']}; {payload['wall_seconds']:.0f} s.",
+        "",
+        "| task | metric | value | n |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for task, figures in payload["results"].items():
+        n = figures.get("n", figures.get("n_prompts", ""))
+        for metric, value in figures.items():
+            if metric in ("n", "n_prompts", "benchmarks", "subjects", "tokens", "truncated") or isinstance(
+                value, dict
+            ):
+                continue
+            lines.append(f"| {task} | {metric} | {_fmt(value)} | {n} |")
+        for subject, sub in figures.get("subjects", {}).items():
+            lines.append(f"| mmlu_{subject} | acc | {_fmt(sub['acc'])} | {sub['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(output_dir: str, payload: dict, samples: dict[str, list[dict]]) -> list[Path]:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / RESULTS_JSON, out / RESULTS_MD]
+    _write(written[0], json.dumps(payload, indent=2, default=str) + "\n")
+    _write(written[1], markdown_table(payload))
+    for task, rows in samples.items():
+        path = out / f"samples_{task}.jsonl"
+        _write(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+        written.append(path)
+    return written

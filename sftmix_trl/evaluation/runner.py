@@ -1,0 +1,126 @@
+"""`evaluate`: check every input, load the model once, run the tasks, write the results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+from accelerate import PartialState
+
+from ..configs import ModelArguments
+from ..model import load_tokenizer
+from ..runs import run_config
+from .args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
+from .choice import accuracy, load_choice_file, load_mmlu, load_pubmedqa, score_choices
+from .ifeval import check_punkt, load_ifeval, score_ifeval
+from .modeling import check_adapter, generate_responses, load_eval_model
+from .perplexity import load_perplexity_data, response_perplexity
+from .report import device_name, package_versions, write_outputs
+
+logger = logging.getLogger(__name__)
+ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
+
+
+def load_task_data(eval_args: EvalArguments) -> dict:
+    """Every task's items, read and validated before any model is loaded."""
+    limit, data = eval_args.limit, {}
+    for task in eval_args.tasks:
+        if task == "ifeval":
+            data[task] = load_ifeval(eval_args.ifeval_data, limit)
+        elif task == "pubmedqa":
+            data[task] = load_pubmedqa(eval_args.pubmedqa_data, limit)
+        elif task == "mmlu_medical":
+            data[task] = load_mmlu(eval_args.mmlu_medical_data, eval_args.mmlu_subjects, eval_args.mmlu_split, limit)
+        elif task in ("medqa", "medmcqa"):
+            data[task] = load_choice_file(getattr(eval_args, f"{task}_data"), task, limit)
+        elif task == "perplexity":
+            data[task] = load_perplexity_data(
+                eval_args.perplexity_data,
+                eval_args.perplexity_format,
+                eval_args.perplexity_split,
+                eval_args.perplexity_held_out,
+                eval_args.perplexity_seed,
+                limit,
+            )
+        logger.info("%s: %d items", task, len(data[task]))
+    return data
+
+
+def medical_average(results: dict) -> dict | None:
+    """Unweighted mean accuracy over the medical benchmarks run, each MMLU subject counting as one benchmark."""
+    scores = {}
+    for task in MULTIPLE_CHOICE_TASKS:
+        if task == "mmlu_medical" and task in results:
+            scores.update({f"mmlu_{s}": v["acc"] for s, v in results[task]["subjects"].items()})
+        elif task in results:
+            scores[task] = results[task]["acc"]
+    if not scores:
+        return None
+    return {"acc": sum(scores.values()) / len(scores), "benchmarks": sorted(scores), "n": len(scores)}
+
+
+def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
+    """Evaluate the base (and adapter) on every task; write and return the results payload."""
+    start = time.perf_counter()
+    validate_tasks(eval_args.tasks)
+    trust = bool(getattr(model_args, "trust_remote_code", False))
+    # Everything that can fail fails here, before a model is loaded or a token generated
+    if "ifeval" in eval_args.tasks:
+        check_punkt()
+    data = load_task_data(eval_args)
+    adapter_config = check_adapter(eval_args.adapter_path, model_args, trust) if eval_args.adapter_path else None
+    tokenizer = load_tokenizer(model_args, trust)
+    model = load_eval_model(model_args, eval_args.adapter_path, trust)
+
+    results, samples, seconds = {}, {}, {}
+    for task in eval_args.tasks:
+        task_start = time.perf_counter()
+        if task == "ifeval":
+            prompts = data[task]
+            conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
+            responses = generate_responses(
+                model, tokenizer, conversations, eval_args.max_new_tokens, eval_args.batch_size, desc="ifeval"
+            )
+            results[task], samples[task] = score_ifeval(prompts, responses)
+        elif task == "perplexity":
+            results[task], samples[task] = response_perplexity(
+                model, tokenizer, data[task], eval_args.batch_size, eval_args.max_length
+            )
+        else:
+            scored = score_choices(model, tokenizer, data[task], eval_args.batch_size, eval_args.max_length, task)
+            results[task], samples[task] = accuracy(scored), scored
+            if task == "mmlu_medical":
+                results[task]["subjects"] = {
+                    subject: accuracy([r for r in scored if r["group"] == f"mmlu_{subject}"])
+                    for subject in eval_args.mmlu_subjects
+                }
+        seconds[task] = round(time.perf_counter() - task_start, 2)
+        logger.info(
+            "%s: %s (%.1f s)", task, {k: v for k, v in results[task].items() if k != "subjects"}, seconds[task]
+        )
+    average = medical_average(results)
+    if average is not None:
+        results["medical_average"] = average
+
+    payload = {
+        "model": {
+            "model_name_or_path": model_args.model_name_or_path,
+            "load_in_4bit": model_args.load_in_4bit,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "adapter_path": eval_args.adapter_path,
+            "adapter_config": {k: adapter_config.get(k) for k in ADAPTER_KEYS} if adapter_config else None,
+        },
+        "results": results,
+        "config": run_config(eval_args, model_args),
+        "versions": package_versions(),
+        "device": device_name(),
+        "num_processes": PartialState().num_processes,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task_seconds": seconds,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+    }
+    if PartialState().is_main_process:
+        written = write_outputs(eval_args.output_dir, payload, samples)
+        logger.info("results written to %s", ", ".join(str(p) for p in written[:2]))
+    return payload
