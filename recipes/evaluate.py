@@ -1,7 +1,10 @@
 """Evaluate a base model, or a base + saved LoRA adapter: IFEval, medical multiple choice, response perplexity.
 
-python recipes/evaluate.py --config configs/eval/demo.yaml [--adapter_path outputs/demo/sftmix_qlora] [--key value ...]
-accelerate launch recipes/evaluate.py --config configs/eval/demo.yaml   # several processes share the items
+python recipes/evaluate.py --model_name_or_path BASE [--adapter_path ADAPTER] --tasks ifeval pubmedqa ... [--key value]
+python recipes/evaluate.py --config my_eval.yaml [--key value ...]
+accelerate launch recipes/evaluate.py --config my_eval.yaml     # several processes share the items
+
+IFEval's rules need NLTK's punkt_tab: set NLTK_DATA (the shared data's nltk_data/ has it).
 
 Writes eval_results.json (every figure, the model, adapter and configuration it came from, package versions),
 eval_results.md and samples_<task>.jsonl into `output_dir`.

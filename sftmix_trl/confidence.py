@@ -188,9 +188,13 @@ def dataset_fingerprint(example_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(example_ids)).encode()).hexdigest()[:24]
 
 
-def check_metadata(expected: dict, found: dict, where: str | os.PathLike) -> None:
+# What makes a table apply to a training run at all; the reference settings only matter when recomputing
+DATA_KEYS = ("dataset_fingerprint", "num_examples", "tokenizer", "chat_template_sha256", "max_length")
+
+
+def check_metadata(expected: dict, found: dict, where: str | os.PathLike, keys: tuple[str, ...] | None = None) -> None:
     """Refuse a table (or a half-finished run) computed from other data or settings; say what differs."""
-    keys = sorted(set(expected) | set(found))
+    keys = sorted(set(expected) | set(found)) if keys is None else keys
     diffs = [
         f"{k}: expected {expected.get(k)!r}, found {found.get(k)!r}" for k in keys if expected.get(k) != found.get(k)
     ]
@@ -441,7 +445,8 @@ def compute_confidence(
 
     if (directory / TABLE_FILE).is_file():
         table = ConfidenceTable.load(directory)
-        check_metadata(expected, table.metadata["run"], directory)
+        # A table named explicitly (must_exist) only has to fit the data; the run's own folder must fit everything
+        check_metadata(expected, table.metadata["run"], directory, DATA_KEYS if must_exist else None)
         logger.info("reusing the confidence table in %s", directory)
         return table
     if must_exist:

@@ -107,12 +107,16 @@ class SFTConfig(trl.SFTConfig):
     """TRL's `SFTConfig` whose precision follows the device at run time: bf16 where CUDA supports it, else float32.
 
     TRL turns `bf16` on whenever it is left unset, which on a CPU means slow bf16 autocast; one YAML should run on a
-    laptop and on a GPU unchanged.
+    laptop and on a GPU unchanged. Without CUDA, `use_cpu` is set, so that several CPU processes train as one group.
     """
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             self.bf16 = bf16_supported()
+        if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            # Without an accelerator, several processes must form a CPU (gloo) group; accelerate's multi-process
+            # launcher does not say so, and each process would otherwise train alone as rank 0 of 1
+            self.use_cpu = True
         super().__post_init__()
 
 

@@ -19,12 +19,17 @@ RUN_FILE = "sftmix_run.json"
 
 
 def setup_logging(training_args) -> None:
-    level = training_args.get_process_log_level()
+    """INFO from this package on the main process (WARNING on the others) unless `log_level` says otherwise;
+    transformers and datasets keep their own verbosity unless `log_level` is set."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
     )
+    level = training_args.get_process_log_level()
+    ours = logging.INFO if training_args.should_log else logging.WARNING
+    if training_args.log_level != "passive":
+        ours = level
     for name in ("sftmix_trl", "__main__"):
-        logging.getLogger(name).setLevel(logging.INFO if level <= logging.INFO else level)
+        logging.getLogger(name).setLevel(ours)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 

@@ -168,7 +168,7 @@ class EvalArguments:
 def validate_tasks(tasks: list[str]) -> None:
     available = ", ".join(TASKS)
     if not tasks:
-        raise EvalError(f"no task to evaluate: set `tasks` to one or more of: {available}")
+        raise EvalError(f"no task to evaluate: set `tasks` to one or more of the available tasks: {available}")
     unknown = [task for task in tasks if task not in TASK_DATA]
     if unknown:
         raise EvalError(f"unknown task(s) {', '.join(map(repr, unknown))}; available tasks: {available}")

@@ -120,7 +120,7 @@ def check_adapter(adapter_path: str, model_args: ModelArguments, trust_remote_co
         if missing:
             raise EvalError(
                 f"{where}: target module(s) {missing} do not exist in the {base_type} base "
-                f"(it has e.g. {sorted(n for n in leaves if '.' not in n and n)[:8]})"
+                f"(it has e.g. {sorted(n for n in leaves if n and '.' not in n and not n.isdigit())[:8]})"
             )
 
     problems = []

@@ -71,9 +71,8 @@ def markdown_table(payload: dict) -> str:
     for task, figures in payload["results"].items():
         n = figures.get("n", figures.get("n_prompts", ""))
         for metric, value in figures.items():
-            if metric in ("n", "n_prompts", "benchmarks", "subjects", "tokens", "truncated") or isinstance(
-                value, dict
-            ):
+            skipped = ("n", "n_prompts", "n_instructions", "benchmarks", "subjects", "tokens", "truncated")
+            if metric in skipped or isinstance(value, dict):
                 continue
             lines.append(f"| {task} | {metric} | {_fmt(value)} | {n} |")
         for subject, sub in figures.get("subjects", {}).items():
@@ -87,6 +86,9 @@ def write_outputs(output_dir: str, payload: dict, samples: dict[str, list[dict]]
     written = [out / RESULTS_JSON, out / RESULTS_MD]
     _write(written[0], json.dumps(payload, indent=2, default=str) + "\n")
     _write(written[1], markdown_table(payload))
+    for stale in out.glob("samples_*.jsonl"):  # an earlier evaluation's tasks: not this run's figures
+        if stale.stem.removeprefix("samples_") not in samples:
+            stale.unlink()
     for task, rows in samples.items():
         path = out / f"samples_{task}.jsonl"
         _write(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))

@@ -6,6 +6,7 @@ import logging
 import time
 from datetime import datetime, timezone
 
+import torch
 from accelerate import PartialState
 
 from ..configs import ModelArguments
@@ -63,6 +64,8 @@ def medical_average(results: dict) -> dict | None:
 def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
     """Evaluate the base (and adapter) on every task; write and return the results payload."""
     start = time.perf_counter()
+    # One process per item shard under `accelerate launch` (gloo workers on a CPU), else a single process
+    state = PartialState(cpu=not torch.cuda.is_available())
     validate_tasks(eval_args.tasks)
     trust = bool(getattr(model_args, "trust_remote_code", False))
     # Everything that can fail fails here, before a model is loaded or a token generated
@@ -115,12 +118,13 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
         "config": run_config(eval_args, model_args),
         "versions": package_versions(),
         "device": device_name(),
-        "num_processes": PartialState().num_processes,
+        "num_processes": state.num_processes,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "task_seconds": seconds,
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
-    if PartialState().is_main_process:
+    if state.is_main_process:
         written = write_outputs(eval_args.output_dir, payload, samples)
         logger.info("results written to %s", ", ".join(str(p) for p in written[:2]))
+    state.wait_for_everyone()
     return payload
