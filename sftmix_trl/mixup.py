@@ -58,16 +58,18 @@ class _MixedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, z.shape[0], chunk_size):
             end = min(start + chunk_size, z.shape[0])
             z_chunk, lam_chunk = z[start:end], lam[start:end]
-            logits = (z_chunk @ weight.T).to(acc)  # (m, V)
+            logits = (z_chunk @ weight.T).to(acc)  # (m, V): the only buffer of this size, reused in place below
             if bias is not None:
                 logits += bias.to(acc)
-            log_norm = torch.logsumexp(logits, dim=-1)  # (m,)
             rows = torch.arange(end - start, device=z.device)
-            logit_c, logit_u = logits[rows, y_c[start:end]], logits[rows, y_u[start:end]]
+            logit_c, logit_u = logits[rows, y_c[start:end]], logits[rows, y_u[start:end]]  # (m,)
+            shift = logits.amax(dim=-1, keepdim=True)  # (m, 1)
+            sum_exp = logits.sub_(shift).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - max)
+            log_norm = (sum_exp.log() + shift).squeeze(1)  # (m,) logsumexp
             total += (log_norm - lam_chunk * logit_c - (1 - lam_chunk) * logit_u).sum()
             if needs_z or needs_w or needs_b:
-                # d loss_n / d logits = softmax - lam * onehot(y_c) - (1 - lam) * onehot(y_u); softmax in place
-                grad_logits = logits.sub_(log_norm[:, None]).exp_()
+                # d loss_n / d logits = softmax - lam * onehot(y_c) - (1 - lam) * onehot(y_u), formed in place
+                grad_logits = logits.div_(sum_exp)
                 grad_logits.index_put_((rows, y_c[start:end]), -lam_chunk, accumulate=True)
                 grad_logits.index_put_((rows, y_u[start:end]), lam_chunk - 1, accumulate=True)
                 if needs_z:
@@ -115,8 +117,9 @@ def mixup_loss(
         lm_head_weight: (V, D) LM head weight.
         lam: (K,) mixing weights in [0, 1], one per pair.
         lm_head_bias: optional (V,) LM head bias.
-        chunk_size: mixed positions whose float32 logits exist at once; peak memory is about chunk_size x V x 4 bytes
-            (twice that while the softmax gradient is formed in place), whatever the number of positions.
+        chunk_size: mixed positions whose float32 logits exist at once; the peak memory of the loss is about
+            chunk_size x V x 4 bytes (one buffer, reused in place for the softmax and its gradient), whatever the
+            number of mixed positions.
         reduction: "mean" over all mixed positions, or "sum" (the caller normalises, e.g. over the global batch).
 
     Returns:

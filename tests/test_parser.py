@@ -158,3 +158,17 @@ def test_shipped_config_parses(config_path, monkeypatch):
     for source in sources_from_args(script_args):  # local data files referenced by the config exist
         if source.path.endswith(LOCAL_SUFFIXES):
             assert (ROOT / source.path).is_file(), source.path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+    if "fsdp" in path.name:
+        assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    if "deepspeed" in path.name:
+        assert config.deepspeed_config["zero_stage"] == 3
+    if path.name.startswith("cpu"):
+        assert config.use_cpu
