@@ -112,6 +112,15 @@ class SFTMixTrainer(SFTTrainer):
         self._num_mixed_in_batch = mixed
         return num_items
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # PEFT's `load_adapter` rebuilds the adapter in float32, while TRL trains a 4-bit base's adapter in bf16: put
+        # back the dtype the run started with, or the resumed run continues with other numerics than the original
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
     # -- model ----------------------------------------------------------------------------------------------------------
 
     def _causal_lm(self, model):

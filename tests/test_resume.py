@@ -56,9 +56,9 @@ def test_stage2_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_model
 
     expected, got = load_file(full / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     for name, tensor in expected.items():
-        np.testing.assert_allclose(got[name].numpy(), tensor.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[name].float().numpy(), tensor.float().numpy(), rtol=1e-4, atol=1e-6)
     history = json.loads((cut / "trainer_state.json").read_text())["log_history"]
-    assert [h["step"] for h in history if "loss" in h][0] == 9  # resumed after step 8, nothing repeated
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 41))  # the state carried over, no step twice
 
 
 @pytest.mark.slow

@@ -290,11 +290,15 @@ def continuation_log_probs(
     """log p(token | everything before it) for every continuation token of each (context, continuation) pair.
 
     Returns one float64 tensor per request (length = continuation tokens kept). A pair longer than `max_length`
-    loses the start of its context first, then the end of its continuation. Rows are left-padded with explicit
-    position ids, and the model only computes logits for the last positions (`logits_to_keep`), which keeps memory
-    small with large vocabularies. Sharded over processes; every process returns all results.
+    loses the start of its context first, then the end of its continuation. One-token continuations of the same
+    context (the options A/B/C/D of a question) share one forward pass of that context, as in lm-eval-harness.
+    Rows are left-padded with explicit position ids, and the model computes logits only for the last positions
+    (`logits_to_keep`), which keeps memory small with large vocabularies. Sharded over processes; every process
+    returns all results.
     """
-    kept = []
+    rows: list[list[int]] = []  # token sequences run through the model
+    shared: dict[tuple[int, ...], int] = {}  # context -> its row, for one-token continuations
+    plan: list[tuple[int, int, list[int]]] = []  # per request: (row, position predicting its first token, tokens)
     for context, continuation in requests:
         if not continuation:
             raise ValueError("an empty continuation cannot be scored")
@@ -302,23 +306,34 @@ def continuation_log_probs(
         context = context[-(max_length - len(continuation)) :] if context else []
         if not context:
             raise ValueError("a continuation needs at least one context token before it")
-        kept.append((context, continuation))
-    mine = shard(len(kept))
-    lengths = [len(c) + len(t) for c, t in kept]
-    mine.sort(key=lambda i: (-lengths[i], i))
+        if len(continuation) == 1:
+            if tuple(context) not in shared:
+                shared[tuple(context)] = len(rows)
+                rows.append(list(context))
+            plan.append((shared[tuple(context)], len(context) - 1, continuation))
+        else:
+            rows.append(context + continuation)
+            plan.append((len(rows) - 1, len(context) - 1, continuation))
+    requests_of: list[list[int]] = [[] for _ in rows]
+    for index, (row, _, _) in enumerate(plan):
+        requests_of[row].append(index)
+    # positions from the first one that predicts a scored token to the end of the row
+    tail = [len(rows[r]) - min(plan[i][1] for i in requests_of[r]) for r in range(len(rows))]
+
+    mine = shard(len(rows))
+    mine.sort(key=lambda r: (-len(rows[r]), r))
     device = model_device(model)
     local = []
     for start in _progress(range(0, len(mine), batch_size), desc, total=-(-len(mine) // batch_size)):
-        rows = mine[start : start + batch_size]
-        width = max(lengths[i] for i in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids = kept[i][0] + kept[i][1]
-            input_ids[j, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[j, width - len(ids) :] = 1
+        batch = mine[start : start + batch_size]
+        width = max(len(rows[r]) for r in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, r in enumerate(batch):
+            input_ids[j, width - len(rows[r]) :] = torch.tensor(rows[r])
+            attention_mask[j, width - len(rows[r]) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        keep = max(len(kept[i][1]) for i in rows) + 1
+        keep = max(tail[r] for r in batch)
         logits = model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -327,10 +342,11 @@ def continuation_log_probs(
         ).logits
         logits = logits[:, -keep:, :]  # a model that ignores logits_to_keep returns them all
         log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-        for j, i in enumerate(rows):
-            target = torch.tensor(kept[i][1], device=log_probs.device)
-            n = len(target)
-            # position -1 - n .. -2 predict the n continuation tokens (the last position predicts past the end)
-            predicting = log_probs[j, keep - 1 - n : keep - 1]
-            local.append((i, predicting.gather(1, target[:, None]).squeeze(1).double().cpu()))
-    return gather(local, len(kept))
+        for j, r in enumerate(batch):
+            for i in requests_of[r]:
+                _, position, tokens = plan[i]
+                first = keep - len(rows[r]) + position  # that position's column among the last `keep`
+                predicting = log_probs[j, first : first + len(tokens)]
+                target = torch.tensor(tokens, device=log_probs.device)[:, None]
+                local.append((i, predicting.gather(1, target).squeeze(1).double().cpu()))
+    return gather(local, len(plan))

@@ -1,0 +1,576 @@
+"""Evaluation: the IFEval scorer against published figures, log-likelihood multiple choice, response perplexity,
+adapter checks, input errors, and `recipes/evaluate.py` end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import DEMO_DATA, ROOT, build_tiny_model, run_recipe, shared_data_dir, write_jsonl
+from datasets import Dataset
+
+from sftmix_trl.configs import ModelArguments, parse_args
+from sftmix_trl.evaluation import (
+    TASKS,
+    ChoiceItem,
+    EvalArguments,
+    EvalError,
+    check_adapter,
+    check_punkt,
+    continuation_log_probs,
+    encode_pair,
+    evaluate,
+    load_choice_file,
+    load_eval_model,
+    load_ifeval,
+    load_mmlu,
+    load_pubmedqa,
+    match_responses,
+    response_perplexity,
+    score_choices,
+    score_ifeval,
+)
+from sftmix_trl.model import load_tokenizer
+
+SHARED = shared_data_dir()
+IFEVAL_DIR = SHARED / "eval" / "ifeval" if SHARED else None
+NLTK_DATA = SHARED / "nltk_data" if SHARED else None
+needs_shared = pytest.mark.skipif(SHARED is None, reason="shared data (../shared/data) is absent")
+
+
+@pytest.fixture
+def nltk_data(monkeypatch):
+    if NLTK_DATA is None or not NLTK_DATA.is_dir():
+        pytest.skip("shared nltk_data is absent")
+    monkeypatch.setenv("NLTK_DATA", str(NLTK_DATA))
+    return NLTK_DATA
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# IFEval scoring
+
+
+@needs_shared
+def test_ifeval_scorer_reproduces_the_published_gpt4_figures(nltk_data):
+    prompts = load_ifeval(str(IFEVAL_DIR / "input_data.jsonl"))
+    responses = match_responses(prompts, read_jsonl(IFEVAL_DIR / "gpt4_responses.jsonl"))
+    metrics, samples = score_ifeval(prompts, responses)
+    assert metrics["n_prompts"] == 541
+    assert round(metrics["prompt_level_strict_acc"], 4) == 0.7689
+    assert round(metrics["inst_level_strict_acc"], 4) == 0.8357
+    assert metrics["prompt_level_loose_acc"] >= metrics["prompt_level_strict_acc"]
+    assert metrics["inst_level_loose_acc"] >= metrics["inst_level_strict_acc"]
+
+    # Per prompt, against Google's reference verdicts. Their prompt text is the one the responses were made for,
+    # so the prompt edited upstream since has no reference. Prompts 1122 and 1129 ask for at least 4 "#" and 6 "!",
+    # which the letter-frequency rule replaces by a random letter: only those verdicts may differ, and with the
+    # per-prompt seed they differ in one place each (1122 strict draws "m", 1129 loose draws "k").
+    for mode, expected in (("strict", {1122}), ("loose", {1129})):
+        reference = {r["prompt"]: r for r in read_jsonl(IFEVAL_DIR / f"gpt4_eval_results_{mode}.jsonl")}
+        compared = [s for s in samples if s["prompt"] in reference]
+        assert len(compared) == 540
+        differing = {}
+        for s in compared:
+            ours, theirs = s[f"follow_instruction_list_{mode}"], reference[s["prompt"]]["follow_instruction_list"]
+            if ours != theirs:
+                differing[s["key"]] = {s["instruction_id_list"][i] for i in range(len(ours)) if ours[i] != theirs[i]}
+        assert set(differing) == expected
+        assert all(ids == {"keywords:letter_frequency"} for ids in differing.values())
+
+
+def test_match_responses_takes_the_longest_common_prefix():
+    from sftmix_trl.evaluation import IFEvalPrompt
+
+    prompts = [
+        IFEvalPrompt(1, "Write a poem about cats. Use at least 3 placeholders.", [], []),
+        IFEvalPrompt(2, "Describe a dog.", [], []),
+    ]
+    records = [
+        {"prompt": "Describe a dog.", "response": "dog"},
+        {"prompt": "Write a poem about cats. Use at least one placeholder.", "response": "cats"},
+        {"prompt": "Write a poem about cows.", "response": "cows"},
+    ]
+    assert match_responses(prompts, records) == ["cats", "dog"]
+    with pytest.raises(EvalError, match="no response for IFEval prompt 3"):
+        match_responses([IFEvalPrompt(3, "Something else entirely", [], [])], records)
+
+
+def test_missing_punkt_fails_in_one_line_before_any_model_is_loaded(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    with pytest.raises(EvalError, match="punkt_tab") as error:
+        check_punkt()
+    assert "\n" not in str(error.value)
+    # evaluate() checks it first: the (missing) model is never reached
+    args = EvalArguments(tasks=["ifeval"], ifeval_data=str(tmp_path / "input_data.jsonl"))
+    with pytest.raises(EvalError, match="punkt_tab"):
+        evaluate(args, ModelArguments(model_name_or_path=str(tmp_path / "no-such-model")))
+
+
+def test_ifeval_file_errors_name_the_file_record_and_field(tmp_path, nltk_data):
+    good = {"key": 1, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    path = write_jsonl(tmp_path / "input_data.jsonl", [good, {k: v for k, v in good.items() if k != "kwargs"}])
+    with pytest.raises(EvalError, match=r"input_data\.jsonl, line 2: missing field 'kwargs'"):
+        load_ifeval(str(path))
+    write_jsonl(path, [good, {**good, "instruction_id_list": ["no:such_rule"]}])
+    with pytest.raises(EvalError, match=r"line 2: .*unknown instruction\(s\) \['no:such_rule'\]"):
+        load_ifeval(str(path))
+    assert [p.key for p in load_ifeval(str(path), limit=1)] == [1]
+
+
+def test_ifeval_scores_simple_responses(nltk_data):
+    from sftmix_trl.evaluation import IFEvalPrompt
+
+    prompt = IFEvalPrompt(
+        7, "Answer in lowercase, without commas.", ["change_case:english_lowercase", "punctuation:no_comma"], [{}, {}]
+    )
+    metrics, samples = score_ifeval([prompt, prompt], ["all in lowercase here", "Not lowercase, with a comma"])
+    assert samples[0]["follow_instruction_list_strict"] == [True, True]
+    assert samples[1]["follow_instruction_list_strict"] == [False, False]
+    assert metrics["prompt_level_strict_acc"] == 0.5
+    assert metrics["inst_level_strict_acc"] == 0.5
+    assert metrics["n_instructions"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+class BigramModel(torch.nn.Module):
+    """A fake causal LM whose next-token logits depend only on the current token: table[token] (vocabulary V)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def bigram_log_likelihood(table: torch.Tensor, context: list[int], continuation: list[int]) -> float:
+    sequence = context + continuation
+    log_probs = table.double().log_softmax(-1)
+    return sum(float(log_probs[sequence[len(context) + k - 1], token]) for k, token in enumerate(continuation))
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model):
+    return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
+
+
+@pytest.mark.parametrize("preferred", [1, 2])
+def test_multiple_choice_picks_the_most_likely_option(tiny_tokenizer, preferred):
+    tokenizer = tiny_tokenizer
+    choices = ["yes", "no", "maybe"]
+    generator = torch.Generator().manual_seed(preferred)
+    table = torch.randn(len(tokenizer), len(tokenizer), generator=generator, dtype=torch.float64)
+    for token in encode_pair(tokenizer, "Answer:", " " + choices[preferred])[1]:
+        table[:, token] += 30.0  # every token of the preferred option is near-certain after any token
+    model = BigramModel(table)
+    items = [
+        ChoiceItem("a", "Abstract: short.\nQuestion: Is it?\nAnswer:", choices, preferred, "pubmedqa"),
+        ChoiceItem(
+            "b", "Abstract: a much longer abstract here.\nQuestion: Is it so?\nAnswer:", choices, 0, "pubmedqa"
+        ),
+    ]
+    results = score_choices(model, tokenizer, items, batch_size=2)
+    for item, result in zip(items, results):
+        expected = [
+            bigram_log_likelihood(table, *encode_pair(tokenizer, item.context, " " + choice)) for choice in choices
+        ]
+        assert result["loglikelihoods"] == pytest.approx(expected, rel=1e-12)
+        assert result["prediction"] == preferred
+    assert [r["acc"] for r in results] == [1.0, 0.0]
+
+
+def test_one_token_continuations_of_a_context_share_its_forward_pass(tiny_tokenizer):
+    table = torch.randn(len(tiny_tokenizer), len(tiny_tokenizer), generator=torch.Generator().manual_seed(3))
+    rows_seen = []
+
+    class Counting(BigramModel):
+        def forward(self, input_ids, **kwargs):
+            rows_seen.append(len(input_ids))
+            return super().forward(input_ids, **kwargs)
+
+    first, second = [11, 12, 13], [21, 22]
+    requests = [(first, [40]), (first, [41]), (second, [40]), (first, [42]), (first, [40, 41]), (second, [43])]
+    log_probs = continuation_log_probs(Counting(table), requests, 8, 64, 0)
+    assert rows_seen == [3]  # first, second, and first + [40, 41]: not six rows
+    for (context, continuation), values in zip(requests, log_probs):
+        assert values.sum().item() == pytest.approx(bigram_log_likelihood(table, context, continuation), rel=1e-6)
+
+
+def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_tokenizer):
+    context, continuation = encode_pair(tiny_tokenizer, "Answer: ", "yes")
+    assert tiny_tokenizer.decode(context) == "Answer:"
+    assert tiny_tokenizer.decode(continuation) == " yes"
+
+
+def test_long_requests_lose_the_start_of_their_context(tiny_tokenizer):
+    table = torch.randn(len(tiny_tokenizer), len(tiny_tokenizer), generator=torch.Generator().manual_seed(0))
+    context, continuation = list(range(10, 30)), [40, 41, 42]
+    (log_probs,) = continuation_log_probs(BigramModel(table), [(context, continuation)], 4, 8, 0)
+    assert log_probs.sum().item() == pytest.approx(bigram_log_likelihood(table, context[-5:], continuation))
+    assert len(log_probs) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+@needs_shared
+def test_real_pubmedqa_and_mmlu_files_load():
+    items = load_pubmedqa(str(SHARED / "eval" / "pubmedqa"))
+    assert len(items) == 500
+    assert {i.answer for i in items} == {0, 1, 2}
+    assert items[0].context.startswith("Abstract: ") and items[0].context.endswith("\nAnswer:")
+    mmlu = load_mmlu(str(SHARED / "eval" / "mmlu_medical"), ["anatomy", "medical_genetics"], "val", limit=12)
+    assert [i.group for i in mmlu].count("mmlu_anatomy") == 12
+    assert [i.group for i in mmlu].count("mmlu_medical_genetics") == 11  # fewer than the limit
+    assert mmlu[0].context.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert mmlu[0].context.endswith("\nD. Homeostasis\nAnswer:")
+    assert mmlu[0].answer == 3
+
+
+def test_mmlu_row_with_a_missing_column_is_named(tmp_path):
+    (tmp_path / "anatomy_test.csv").write_text("Q1?,a,b,c,d,A\nQ2?,a,b,c,d\n")
+    with pytest.raises(EvalError, match=r"anatomy_test\.csv, row 2: missing field 'answer'"):
+        load_mmlu(str(tmp_path), ["anatomy"])
+    with pytest.raises(EvalError, match=r"MMLU file not found: .*anatomy_val\.csv"):
+        load_mmlu(str(tmp_path), ["anatomy"], "val")
+
+
+def test_medqa_schema_and_its_errors(tmp_path):
+    records = [
+        {"question": "Q1", "options": {"A": "x", "B": "y", "C": "z"}, "answer": "B"},
+        {"question": "Q2", "options": ["x", "y", "z", "w"], "answer": 3},
+        {"question": "Q3", "options": ["x", "y"], "answer": "y"},
+        {"question": "Q4", "options": {"A": "x", "B": "y"}, "answer": "x", "answer_idx": "A"},  # MedQA's own form
+    ]
+    items = load_choice_file(str(write_jsonl(tmp_path / "medqa.jsonl", records)), "medqa")
+    assert [i.answer for i in items] == [1, 3, 1, 0]
+    assert items[0].context == "Question: Q1\nA. x\nB. y\nC. z\nAnswer:"
+    assert items[0].choices == ["A", "B", "C"]
+    medmcqa = load_choice_file(str(tmp_path / "medqa.jsonl"), "medmcqa", limit=1)
+    assert medmcqa[0].context == "Question: Q1\nChoices:\nA. x\nB. y\nC. z\nAnswer:"
+
+    write_jsonl(tmp_path / "bad.jsonl", [records[0], {"question": "Q", "answer": "A"}])
+    with pytest.raises(EvalError, match=r"bad\.jsonl, line 2: missing field 'options'"):
+        load_choice_file(str(tmp_path / "bad.jsonl"), "medqa")
+    write_jsonl(tmp_path / "bad.jsonl", [{**records[0], "answer": "E"}])
+    with pytest.raises(EvalError, match=r"bad\.jsonl, line 1: field 'answer' is 'E'"):
+        load_choice_file(str(tmp_path / "bad.jsonl"), "medqa")
+
+
+def test_pubmedqa_record_without_a_question_is_named(tmp_path):
+    (tmp_path / "ori_pqal.json").write_text(json.dumps({"1": {"CONTEXTS": ["c"], "final_decision": "yes"}}))
+    (tmp_path / "test_ground_truth.json").write_text(json.dumps({"1": "yes"}))
+    with pytest.raises(EvalError, match=r"ori_pqal\.json, record 1: missing field 'QUESTION'"):
+        load_pubmedqa(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def test_perplexity_equals_a_hand_computation(tiny_model, tiny_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer
+    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    records = [
+        ("Name a colour.", "Blue."),
+        (
+            "What helps a sore throat? Answer in two sentences please.",
+            "Warm drinks and rest help. See a doctor if it lasts.",
+        ),
+        ("Hi", "Hello there, how can I help you today with your health question?"),
+    ]
+    examples = [
+        {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+        for q, a in records
+    ]
+    metrics, samples = response_perplexity(model, tokenizer, Dataset.from_list(examples), batch_size=2)
+
+    total, count, per_example = 0.0, 0, []
+    for example in examples:
+        prompt = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        nll = [-float(log_probs[t - 1, ids[t]]) for t in range(start, len(ids))]
+        total, count = total + sum(nll), count + len(nll)
+        per_example.append(math.exp(sum(nll) / len(nll)))
+    assert metrics["tokens"] == count
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-10)
+    assert metrics["mean_example_perplexity"] == pytest.approx(sum(per_example) / 3, rel=1e-10)
+    assert [s["perplexity"] for s in samples] == pytest.approx(per_example, rel=1e-10)
+    assert metrics["perplexity"] != pytest.approx(metrics["mean_example_perplexity"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+@pytest.mark.parametrize(("tasks", "message"), [([], "no task to evaluate"), (["ifeval", "mmlu"], "unknown task")])
+def test_bad_task_lists_name_the_available_tasks(tasks, message):
+    with pytest.raises(EvalError, match=message) as error:
+        EvalArguments(tasks=tasks)
+    assert "available" in str(error.value) and all(task in str(error.value) for task in TASKS)
+
+
+def test_task_without_its_data_path():
+    with pytest.raises(EvalError, match="task 'pubmedqa' needs `pubmedqa_data`"):
+        EvalArguments(tasks=["pubmedqa"])
+
+
+def test_command_line_tasks_space_or_comma_separated():
+    types = (EvalArguments, ModelArguments)
+    common = ["--model_name_or_path", "m", "--perplexity_data", "x.json", "--pubmedqa_data", "p"]
+    assert parse_args(types, [*common, "--tasks", "pubmedqa", "perplexity"])[0].tasks == ["pubmedqa", "perplexity"]
+    assert parse_args(types, [*common, "--tasks", "pubmedqa,perplexity"])[0].tasks == ["pubmedqa", "perplexity"]
+    with pytest.raises(SystemExit, match="unknown task.*available tasks: ifeval, pubmedqa"):
+        parse_args(types, [*common, "--tasks", "pubmedq"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Adapters
+
+
+def make_adapter(base: Path, out: Path, **lora_kwargs) -> Path:
+    """A LoRA adapter of `base`, with random (non-zero) B so that it changes the model's outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora_kwargs)
+    get_peft_model(LlamaForCausalLM.from_pretrained(base), config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("other-base"), hidden=32)
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter(other_base, tmp_path_factory) -> Path:
+    return make_adapter(other_base, tmp_path_factory.mktemp("foreign-adapter"))
+
+
+def test_matching_adapter_passes_the_check(tiny_model, adapter):
+    config = check_adapter(str(adapter), ModelArguments(model_name_or_path=str(tiny_model)))
+    assert config["r"] == 4
+
+
+def test_adapter_of_another_base_is_refused(tiny_model, foreign_adapter, tmp_path):
+    model_args = ModelArguments(model_name_or_path=str(tiny_model))
+    # The adapter's recorded base exists here: its config is compared first
+    with pytest.raises(EvalError, match="does not match .*hidden_size is 32 in the adapter's base but 64"):
+        check_adapter(str(foreign_adapter), model_args)
+    # Without a readable recorded base, the weight shapes tell
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    config = json.loads((foreign_adapter / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/unknown"}))
+    (copy / "adapter_model.safetensors").write_bytes((foreign_adapter / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(EvalError, match=r"lora_A\.weight has input size 32 but .* has 64"):
+        check_adapter(str(copy), model_args)
+    # Another architecture's module names
+    config["base_model_name_or_path"] = "org/unknown"
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn", "c_proj"]}))
+    with pytest.raises(EvalError, match=r"target module\(s\) \['c_attn', 'c_proj'\] do not exist in the llama base"):
+        check_adapter(str(copy), model_args)
+    with pytest.raises(EvalError, match="not a saved PEFT adapter"):
+        check_adapter(str(tmp_path), model_args)
+
+
+def test_adapter_is_applied_on_a_4bit_base_with_the_repack_guard(tiny_model, adapter, tiny_tokenizer):
+    from bitsandbytes.nn import Linear4bit
+
+    model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=True)
+    base = load_eval_model(model_args)
+    tuned = load_eval_model(model_args, str(adapter))
+    layers = [m for m in tuned.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    assert not tuned.training
+    batch = tiny_tokenizer(["Name a colour."], return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(base(**batch).logits, tuned(**batch).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe, end to end
+
+
+def write_eval_data(folder: Path) -> dict:
+    """Tiny local files for every task; returns the config keys pointing at them."""
+    ifeval = [
+        {
+            "key": 1,
+            "prompt": "Write about tea in lowercase.",
+            "instruction_id_list": ["change_case:english_lowercase"],
+            "kwargs": [{}],
+        },
+        {
+            "key": 2,
+            "prompt": "Name three fruits without commas.",
+            "instruction_id_list": ["punctuation:no_comma"],
+            "kwargs": [{}],
+        },
+        {"key": 3, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    ]
+    write_jsonl(folder / "input_data.jsonl", ifeval)
+    pubmedqa = folder / "pubmedqa"
+    pubmedqa.mkdir()
+    records = {str(i): {"QUESTION": f"Does drug {i} help?", "CONTEXTS": [f"Study {i}.", "Results."]} for i in range(3)}
+    (pubmedqa / "pubmedqa_ori_pqal.json").write_text(json.dumps(records))
+    (pubmedqa / "pubmedqa_test_ground_truth.json").write_text(json.dumps({"0": "yes", "1": "no", "2": "maybe"}))
+    mmlu = folder / "mmlu"
+    mmlu.mkdir()
+    (mmlu / "anatomy_test.csv").write_text('Which bone?,Femur,Tibia,Ulna,Radius,A\n"Which, muscle?",a,b,c,d,C\n')
+    write_jsonl(folder / "medqa.jsonl", [{"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "A"}] * 2)
+    return {
+        "ifeval_data": str(folder / "input_data.jsonl"),
+        "pubmedqa_data": str(pubmedqa),
+        "mmlu_medical_data": str(mmlu),
+        "mmlu_subjects": ["anatomy"],
+        "medqa_data": str(folder / "medqa.jsonl"),
+        "perplexity_data": str(DEMO_DATA / "health_qa.json"),
+    }
+
+
+@pytest.mark.slow
+def test_evaluate_recipe_end_to_end_with_an_adapter(tiny_model, adapter, tmp_path):
+    have_nltk = NLTK_DATA is not None and NLTK_DATA.is_dir()
+    tasks = (["ifeval"] if have_nltk else []) + ["pubmedqa", "mmlu_medical", "medqa", "perplexity"]
+    config = tmp_path / "evaluate.yaml"
+    values = {
+        "model_name_or_path": str(tiny_model),
+        "adapter_path": str(adapter),
+        "tasks": tasks,
+        "limit": 2,
+        "max_new_tokens": 8,
+        "batch_size": 2,
+        "output_dir": str(tmp_path / "out"),
+        **write_eval_data(tmp_path),
+    }
+    config.write_text(yaml.safe_dump(values))
+    env = {"NLTK_DATA": str(NLTK_DATA)} if have_nltk else {}
+    result = run_recipe("evaluate.py", "--config", str(config), env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    payload = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    results = payload["results"]
+    assert payload["model"]["adapter_path"] == str(adapter)
+    assert payload["model"]["adapter_config"]["r"] == 4
+    assert payload["model"]["load_in_4bit"] is True
+    assert payload["config"]["limit"] == 2 and payload["config"]["tasks"] == tasks
+    assert payload["versions"]["transformers"] and payload["versions"]["peft"]
+    assert results["pubmedqa"]["n"] == 2 and results["medqa"]["n"] == 2
+    assert results["mmlu_medical"]["subjects"]["anatomy"]["n"] == 2
+    assert results["medical_average"]["benchmarks"] == ["medqa", "mmlu_anatomy", "pubmedqa"]
+    average = (results["pubmedqa"]["acc"] + results["medqa"]["acc"] + results["mmlu_medical"]["acc"]) / 3
+    assert results["medical_average"]["acc"] == pytest.approx(average)
+    assert results["perplexity"]["n"] == 2 and results["perplexity"]["perplexity"] > 1
+    assert 0 <= results["pubmedqa"]["acc"] <= 1
+
+    table = (tmp_path / "out" / "eval_results.md").read_text()
+    assert "| pubmedqa | acc |" in table and "| perplexity | perplexity |" in table
+    assert len(read_jsonl(tmp_path / "out" / "samples_pubmedqa.jsonl")) == 2
+    if have_nltk:
+        assert results["ifeval"]["n_prompts"] == 2
+        assert "| ifeval | prompt_level_strict_acc |" in table
+        generations = read_jsonl(tmp_path / "out" / "samples_ifeval.jsonl")
+        assert [g["key"] for g in generations] == [1, 2]
+        assert all(isinstance(g["response"], str) for g in generations)
+
+
+def test_adapter_mismatch_stops_the_recipe_before_generation(tiny_model, foreign_adapter, tmp_path):
+    data = write_eval_data(tmp_path)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(ROOT / "recipes" / "evaluate.py"),
+        "--model_name_or_path", str(tiny_model), "--adapter_path", str(foreign_adapter),
+        "--tasks", "medqa", "perplexity", "--medqa_data", data["medqa_data"],
+        "--perplexity_data", data["perplexity_data"], "--output_dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: adapter ") and "does not match the base" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "Loading weights" not in result.stderr + result.stdout  # the base was never loaded
+    assert not out.exists()
+
+
+def flatten(results: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):
+            flat[prefix + key] = value
+    return flat
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_results(tiny_model, tmp_path, monkeypatch):
+    have_nltk = NLTK_DATA is not None and NLTK_DATA.is_dir()
+    tasks = (["ifeval"] if have_nltk else []) + ["pubmedqa", "medqa", "perplexity"]
+    values = {"tasks": tasks, "limit": 3, "max_new_tokens": 6, "batch_size": 2, **write_eval_data(tmp_path)}
+    values.pop("mmlu_subjects")
+    env = {"NLTK_DATA": str(NLTK_DATA)} if have_nltk else {}
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tiny_model),
+                "load_in_4bit": False,
+                "output_dir": str(tmp_path / "two"),
+                **values,
+            }
+        )
+    )
+    result = run_recipe("evaluate.py", "--config", str(config), num_processes=2, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert two["num_processes"] == 2
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    one = evaluate(
+        EvalArguments(output_dir=str(tmp_path / "one"), **values),
+        ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False),
+    )
+    assert one["num_processes"] == 1
+    assert flatten(two["results"]) == pytest.approx(flatten(one["results"]), rel=1e-5)
+    for task in tasks:  # every item scored once, in the same order
+        rows = [read_jsonl(tmp_path / run / f"samples_{task}.jsonl") for run in ("one", "two")]
+        assert len(rows[0]) == len(rows[1]) == (2 if task == "medqa" else 3)
+        assert [r.get("id", r.get("key", r.get("index"))) for r in rows[0]] == [
+            r.get("id", r.get("key", r.get("index"))) for r in rows[1]
+        ]
+        if task == "ifeval":
+            assert [r["response"] for r in rows[0]] == [r["response"] for r in rows[1]]
