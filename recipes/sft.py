@@ -5,17 +5,20 @@ accelerate launch recipes/sft.py --config configs/demo/sft_qlora.yaml [--key val
 
 from __future__ import annotations
 
-import logging
-
 from trl import SFTTrainer
 
-from sftmix_trl import hub
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.runs import check_output_dir, launch, record_run, resolve_resume, run_config, setup_logging
-
-logger = logging.getLogger(__name__)
+from sftmix_trl.runs import (
+    check_output_dir,
+    launch,
+    record_run,
+    resolve_resume,
+    run_config,
+    setup_logging,
+    train_save_publish,
+)
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelArguments) -> None:
@@ -37,28 +40,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         peft_config=lora_config(model_args),
     )
     record_run(training_args, config, "sft.py")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the logged figures, for cards, studies and tests
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
-        hub.write_model_card(
-            training_args.output_dir,
-            base_model=model_args.model_name_or_path,
-            datasets=hub.dataset_names(script_args),
-            method="NTP",
-            settings=hub.card_settings(training_args, model_args),
-            launch_line=hub.launch_line("sft.py"),
-            hub_model_id=training_args.hub_model_id,
-        )
-        logger.info("adapter saved to %s", training_args.output_dir)
-        if push:
-            url = hub.push_folder(
-                training_args.output_dir, training_args.hub_model_id, private=training_args.hub_private_repo
-            )
-            logger.info("pushed to %s", url)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    train_save_publish(trainer, tokenizer, script_args, training_args, model_args, push, "sft.py", resume)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,45 @@ def launch(main, dataclass_types: tuple[type, ...]) -> None:
         main(*parsed)
     except (DataError, ModelLoadError, ConfidenceError, hub.PublishError, EvalError) as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def train_save_publish(
+    trainer,
+    tokenizer,
+    script_args,
+    training_args,
+    model_args,
+    push: bool,
+    recipe: str,
+    resume: str | None,
+    method: str = "NTP",
+    card_sections=lambda log_history: [],
+) -> None:
+    """Train (or resume), then save the adapter, tokenizer, trainer state and model card, then publish if asked.
+
+    `push` is the user's `push_to_hub`: the trainer runs with it off, so that an offline machine fails only here,
+    after everything is saved locally.
+    """
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged figures, for cards, studies and tests
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        hub.write_model_card(
+            training_args.output_dir,
+            base_model=model_args.model_name_or_path,
+            datasets=hub.dataset_names(script_args),
+            method=method,
+            settings=hub.card_settings(training_args, model_args),
+            launch_line=hub.launch_line(recipe),
+            sections=card_sections(trainer.state.log_history),
+            hub_model_id=training_args.hub_model_id,
+        )
+        logger.info("adapter saved to %s", training_args.output_dir)
+        if push:
+            url = hub.push_folder(
+                training_args.output_dir, training_args.hub_model_id, private=training_args.hub_private_repo
+            )
+            logger.info("pushed to %s", url)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from trl import SFTTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID
@@ -184,16 +186,21 @@ class SFTMixTrainer(SFTTrainer):
         hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T)
         _, causal_lm = self._causal_lm(model)
         head = causal_lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # FSDP2 shards the head: the loss reads it whole, like TRL's fused head
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
         lam = self._draw_lambdas(rows)
-        with torch.set_grad_enabled(self.args.mixup_weight > 0 and torch.is_grad_enabled()):
+        grad = self.args.mixup_weight > 0 and torch.is_grad_enabled()
+        # maybe_gather_lm_head_ctx: under ZeRO-3 the head's weight is a 0-size shard outside its own forward
+        with torch.set_grad_enabled(grad), maybe_gather_lm_head_ctx(weight, bias):
             mix_sum = mixup_loss(
                 hidden[0::2],
                 hidden[1::2],
                 labels[0::2],
                 labels[1::2],
-                head.weight,
+                weight,
                 lam,
-                lm_head_bias=head.bias,
+                lm_head_bias=bias,
                 chunk_size=self.args.mixup_chunk_size,
                 reduction="sum",
             )
