@@ -231,10 +231,17 @@ class ScoringStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Rows sorted by length (longest first, ties by row), cut into batches: padding stays small."""
+def length_grouped_batches(lengths: list[int], batch_size: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Rows sorted by length (longest first, ties by row), cut into batches of at most `batch_size` whose every
+    row is at least (1 - max_padding) of the batch's longest: padding stays under `max_padding` of the slots."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, current = [], []
+    for row in order:
+        if current and (len(current) == batch_size or lengths[row] < (1 - max_padding) * lengths[current[0]]):
+            batches.append(current)
+            current = []
+        current.append(row)
+    return batches + [current] if current else batches
 
 
 def _response_log_probs(

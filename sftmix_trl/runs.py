@@ -132,6 +132,8 @@ def train_save_publish(
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the logged figures, for cards, studies and tests
     if trainer.is_world_process_zero():
+        # A pickle of the arguments; `sftmix_run.json` records them as JSON (checkpoints keep theirs for resuming)
+        (Path(training_args.output_dir) / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(training_args.output_dir)
         hub.write_model_card(
             training_args.output_dir,
@@ -145,8 +147,12 @@ def train_save_publish(
         )
         logger.info("adapter saved to %s", training_args.output_dir)
         if push:
+            table = ["confidence/confidence.parquet"] if getattr(training_args, "push_confidence_table", False) else []
             url = hub.push_folder(
-                training_args.output_dir, training_args.hub_model_id, private=training_args.hub_private_repo
+                training_args.output_dir,
+                training_args.hub_model_id,
+                private=training_args.hub_private_repo,
+                extra_patterns=table,
             )
             logger.info("pushed to %s", url)
     trainer.accelerator.wait_for_everyone()

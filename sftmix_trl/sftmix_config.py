@@ -41,6 +41,11 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
         },
     )
 
+    push_confidence_table: bool = field(
+        default=False,
+        metadata={"help": "With `push_to_hub`, also upload the stage-1 table (confidence.parquet) with the adapter."},
+    )
+
     def __post_init__(self):
         # SFTMix needs one example per row, in the sampler's order, and the example ids kept
         if self.packing or self.padding_free:

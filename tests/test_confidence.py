@@ -132,7 +132,7 @@ def test_perplexity_equals_a_hand_computation_in_float64(tiny_model):
         assert counts[i] == len(seq) - p
         assert ppl[i] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-10)
     assert stats.tokens == sum(map(len, sequences))
-    assert 0 < stats.padding_fraction < 0.5
+    assert stats.padding_fraction < 0.1  # lengths 9, 7 and 4 are never padded to one another
 
 
 @pytest.fixture(scope="module")

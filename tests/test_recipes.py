@@ -77,6 +77,7 @@ def test_sft_recipe_trains_and_saves_a_working_adapter(tiny_model, tmp_path, num
         )
     )
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # no pickle in the published folder
     assert "library_name: peft" in (out / "README.md").read_text()
     assert len([h for h in log_history(out) if "loss" in h]) == 3
     assert adapter_changes_outputs(tiny_model, out)
