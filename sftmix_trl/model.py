@@ -67,6 +67,13 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None
         return None
     dtype = _resolve_dtype(model_args)
     storage = model_args.bnb_4bit_quant_storage or "uint8"
+    # FSDP flattens the packed 4-bit weights with the bf16/fp32 tensors around them: with uint8 storage it fails
+    # deep inside the wrapper, after the model is loaded; say so before
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and getattr(torch, storage, None) != dtype:
+        raise ModelLoadError(
+            f"FSDP with a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype: set "
+            f"`bnb_4bit_quant_storage: {str(dtype).removeprefix('torch.')}` (it is {storage})"
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,

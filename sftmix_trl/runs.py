@@ -99,13 +99,16 @@ def run_config(*dataclasses_) -> dict:
 def launch(main, dataclass_types: tuple[type, ...]) -> None:
     """Parse the recipe's arguments and run it; a problem the user can fix ends in one line, not a traceback."""
     from .confidence import ConfidenceError
-    from .configs import parse_args
+    from .configs import ModelArguments, parse_args
     from .data import DataError
     from .evaluation.errors import EvalError
-    from .model import ModelLoadError
+    from .model import ModelLoadError, quantization_config
 
     parsed = parse_args(dataclass_types)
     try:
+        for args in parsed:  # quantisation settings that would only fail at model loading fail before any write
+            if isinstance(args, ModelArguments):
+                quantization_config(args)
         main(*parsed)
     except (DataError, ModelLoadError, ConfidenceError, hub.PublishError, EvalError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -256,6 +256,18 @@ def test_bad_input_stops_with_one_readable_line(tiny_model, bad_input_dir, monke
     assert not out.exists()
 
 
+def test_fsdp_with_uint8_4bit_storage_stops_before_any_write(tiny_model, bad_input_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    out = bad_input_dir / "fsdp_out"
+    argv = ["--config", "configs/demo/sftmix_qlora.yaml", "--model_name_or_path", str(tiny_model), "--output_dir"]
+    text = _run_in_process("sftmix", [*argv, str(out)], monkeypatch)
+    assert text == (
+        "error: FSDP with a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype: set "
+        "`bnb_4bit_quant_storage: float32` (it is uint8)"
+    )
+    assert not out.exists()
+
+
 def test_unknown_yaml_key_names_the_file(bad_input_dir, monkeypatch):
     text = _run_in_process("sft", ["--config", str(bad_input_dir / "bad.yaml")], monkeypatch)
     assert "learning_rat" in text and "bad.yaml" in text and "learning_rate" in text
