@@ -3,6 +3,9 @@ CPU, single-process and with the 2-process gloo config; and the bad inputs that 
 
 import importlib.util
 import json
+import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -130,6 +133,64 @@ def test_two_process_runs_match_one_process_on_the_same_global_batch(tiny_model,
     assert len(logs_one) == len(logs_two) == 3
     for a, b in zip(logs_one, logs_two):
         for key in ("loss", "ntp_loss", "mixup_loss", "ntp_loss_confident", "ntp_loss_unconfident", "mixup_lambda"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_match_one_process(tiny_model, tmp_path):
+    """The README's multi-node line (`--num_machines --machine_rank --main_process_ip`), as two one-process "nodes"
+    on this host with a shared output_dir: the same confidence table and losses as one process with their batch."""
+    common = [
+        "--config",
+        "configs/demo/sftmix_qlora.yaml",
+        "--model_name_or_path",
+        str(tiny_model),
+        *TINY,
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-2",
+        "--reference_learning_rate",
+        "1e-2",
+    ]
+    one, nodes = tmp_path / "one", tmp_path / "nodes"
+    ok(run_recipe("sftmix.py", *common, "--output_dir", str(one), "--per_device_train_batch_size", "8"))
+    config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
+    node = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_machines", "2"]
+    node += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    recipe = [str(ROOT / "recipes" / "sftmix.py"), *common, "--output_dir", str(nodes)]
+    recipe += ["--per_device_train_batch_size", "4", "--reference_batch_size", "4"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launched = [
+        subprocess.Popen(
+            [*node, "--machine_rank", str(rank), *recipe],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=900)[0] for process in launched]
+    for process, output in zip(launched, outputs):
+        assert process.returncode == 0, output[-5000:]
+    assert "on 2 process(es)" in outputs[0]
+    table_one, table_nodes = _table(one / "confidence"), _table(nodes / "confidence")
+    assert table_nodes.example_ids == table_one.example_ids
+    np.testing.assert_allclose(table_nodes.perplexities, table_one.perplexities, rtol=2e-3)
+    assert table_nodes.split() == table_one.split()
+    logs_one = [h for h in log_history(one) if "ntp_loss" in h]
+    logs_nodes = [h for h in log_history(nodes) if "ntp_loss" in h]
+    assert len(logs_one) == len(logs_nodes) == 3
+    for a, b in zip(logs_one, logs_nodes):
+        for key in ("loss", "ntp_loss", "mixup_loss", "mixup_lambda"):
             assert b[key] == pytest.approx(a[key], rel=2e-3), key
 
 
