@@ -245,6 +245,31 @@ def test_real_pubmedqa_and_mmlu_files_load():
     assert mmlu[0].answer == 3
 
 
+def test_limit_draws_a_seeded_sample_per_group_in_file_order():
+    from sftmix_trl.evaluation.runner import sample_items
+
+    items = list(range(100))
+    assert sample_items(items, None, 0) == items
+    drawn = sample_items(items, 10, 0)
+    assert len(drawn) == 10 and drawn == sorted(drawn) and drawn != list(range(10))
+    assert sample_items(items, 10, 0) == drawn and sample_items(items, 10, 1) != drawn
+    groups = ["a"] * 30 + ["b"] * 5 + ["c"] * 65
+    per_group = sample_items(items, 8, 0, groups)
+    assert [groups[i] for i in per_group].count("a") == 8
+    assert [groups[i] for i in per_group].count("b") == 5  # fewer than the limit: all of them
+    assert [groups[i] for i in per_group].count("c") == 8
+
+
+@needs_shared
+def test_limited_pubmedqa_is_not_the_label_sorted_prefix():
+    """PubMedQA's test labels are sorted (its first 276 are "yes"): a limit must not score only one answer."""
+    from sftmix_trl.evaluation.runner import load_task_data
+
+    args = EvalArguments(tasks=["pubmedqa"], pubmedqa_data=str(SHARED / "eval" / "pubmedqa"), limit=40)
+    assert {item.answer for item in load_pubmedqa(args.pubmedqa_data, limit=40)} == {0}
+    assert {item.answer for item in load_task_data(args)["pubmedqa"]} == {0, 1, 2}
+
+
 def test_mmlu_row_with_a_missing_column_is_named(tmp_path):
     (tmp_path / "anatomy_test.csv").write_text("Q1?,a,b,c,d,A\nQ2?,a,b,c,d\n")
     with pytest.raises(EvalError, match=r"anatomy_test\.csv, row 2: missing field 'answer'"):

@@ -142,9 +142,14 @@ class EvalArguments:
     limit: int | None = field(
         default=None,
         metadata={
-            "help": "Score only the first `limit` items of each task (of each subject for MMLU), for quick runs. "
+            "help": "Score only `limit` items of each task (of each subject for MMLU), for quick runs: a random "
+            "sample drawn with `limit_seed`, not the first ones (files are often sorted, PubMedQA's by label). "
             "Figures from a limited run are not comparable with published ones."
         },
+    )
+    limit_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the `limit` sample: the same seed gives every model the same items."},
     )
 
     def __post_init__(self):

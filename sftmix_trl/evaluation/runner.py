@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import torch
@@ -23,27 +25,47 @@ logger = logging.getLogger(__name__)
 ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
 
 
+def sample_items(items: Sequence, limit: int | None, seed: int, groups: Sequence | None = None) -> list[int]:
+    """Indices of `limit` items (of each group), drawn at random with `seed`, in their original order.
+
+    Not the first `limit`: files are often sorted, and PubMedQA's test labels are (its first 276 answers are all
+    "yes"), so a prefix measures one answer's rate. The draw depends only on the file and the seed, so every model
+    evaluated with the same `limit` and `limit_seed` sees the same items.
+    """
+    if limit is None:
+        return list(range(len(items)))
+    groups = list(groups) if groups is not None else [None] * len(items)
+    rng = random.Random(seed)
+    chosen = []
+    for group in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == group]
+        chosen += rng.sample(members, min(limit, len(members)))
+    return sorted(chosen)
+
+
 def load_task_data(eval_args: EvalArguments) -> dict:
-    """Every task's items, read and validated before any model is loaded."""
-    limit, data = eval_args.limit, {}
+    """Every task's items (a seeded sample of `limit` per task), read and validated before any model is loaded."""
+    data = {}
     for task in eval_args.tasks:
         if task == "ifeval":
-            data[task] = load_ifeval(eval_args.ifeval_data, limit)
+            items = load_ifeval(eval_args.ifeval_data)
         elif task == "pubmedqa":
-            data[task] = load_pubmedqa(eval_args.pubmedqa_data, limit)
+            items = load_pubmedqa(eval_args.pubmedqa_data)
         elif task == "mmlu_medical":
-            data[task] = load_mmlu(eval_args.mmlu_medical_data, eval_args.mmlu_subjects, eval_args.mmlu_split, limit)
+            items = load_mmlu(eval_args.mmlu_medical_data, eval_args.mmlu_subjects, eval_args.mmlu_split)
         elif task in ("medqa", "medmcqa"):
-            data[task] = load_choice_file(getattr(eval_args, f"{task}_data"), task, limit)
+            items = load_choice_file(getattr(eval_args, f"{task}_data"), task)
         elif task == "perplexity":
-            data[task] = load_perplexity_data(
+            items = load_perplexity_data(
                 eval_args.perplexity_data,
                 eval_args.perplexity_format,
                 eval_args.perplexity_split,
                 eval_args.perplexity_held_out,
                 eval_args.perplexity_seed,
-                limit,
             )
+        groups = [item.group for item in items] if task == "mmlu_medical" else None
+        keep = sample_items(items, eval_args.limit, eval_args.limit_seed, groups)
+        data[task] = items.select(keep) if task == "perplexity" else [items[i] for i in keep]
         logger.info("%s: %d items", task, len(data[task]))
     return data
 
