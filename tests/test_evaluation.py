@@ -36,6 +36,7 @@ from sftmix_trl.evaluation import (
     score_choices,
     score_ifeval,
 )
+from sftmix_trl.evaluation.runner import load_task_data, sample_items
 from sftmix_trl.model import load_tokenizer
 
 SHARED = shared_data_dir()
@@ -246,8 +247,6 @@ def test_real_pubmedqa_and_mmlu_files_load():
 
 
 def test_limit_draws_a_seeded_sample_per_group_in_file_order():
-    from sftmix_trl.evaluation.runner import sample_items
-
     items = list(range(100))
     assert sample_items(items, None, 0) == items
     drawn = sample_items(items, 10, 0)
@@ -263,8 +262,6 @@ def test_limit_draws_a_seeded_sample_per_group_in_file_order():
 @needs_shared
 def test_limited_pubmedqa_is_not_the_label_sorted_prefix():
     """PubMedQA's test labels are sorted (its first 276 are "yes"): a limit must not score only one answer."""
-    from sftmix_trl.evaluation.runner import load_task_data
-
     args = EvalArguments(tasks=["pubmedqa"], pubmedqa_data=str(SHARED / "eval" / "pubmedqa"), limit=40)
     assert {item.answer for item in load_pubmedqa(args.pubmedqa_data, limit=40)} == {0}
     assert {item.answer for item in load_task_data(args)["pubmedqa"]} == {0, 1, 2}
@@ -527,7 +524,9 @@ def test_evaluate_recipe_end_to_end_with_an_adapter(tiny_model, adapter, tmp_pat
         assert results["ifeval"]["n_prompts"] == 2
         assert "| ifeval | prompt_level_strict_acc |" in table
         generations = read_jsonl(tmp_path / "out" / "samples_ifeval.jsonl")
-        assert [g["key"] for g in generations] == [1, 2]
+        keys = [json.loads(line)["key"] for line in Path(values["ifeval_data"]).read_text().splitlines()]
+        drawn = [keys[i] for i in sample_items(keys, 2, 0)]  # `limit` draws a seeded sample, in file order
+        assert [g["key"] for g in generations] == drawn and len(set(drawn)) == 2
         assert all(isinstance(g["response"], str) for g in generations)
 
 
