@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -158,5 +159,11 @@ def train_save_publish(
                 extra_patterns=table,
             )
             logger.info("pushed to %s", url)
+    trainer.accelerator.wait_for_everyone()
+    # Free the DDP/FSDP wrapper (and its gradient reducer) while the process group is alive and idle, then shut the
+    # group down: a reducer freed after `end_training` destroyed the group can hang in gloo's destructor at exit
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
