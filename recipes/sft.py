@@ -8,7 +8,7 @@ from __future__ import annotations
 from trl import SFTTrainer
 
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data import check_prepared, has_multi_turn, load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
 from sftmix_trl.runs import (
     check_output_dir,
@@ -27,7 +27,14 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     resume = resolve_resume(training_args)
     check_output_dir(training_args, config, resume, script_args.overwrite_output_dir)
     train_dataset, eval_dataset = load_datasets(script_args)
-    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code, training_args.chat_template_path)
+    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation markers
+    training_args.assistant_only_loss |= has_multi_turn(train_dataset, eval_dataset)
+    tokenizer = load_tokenizer(
+        model_args,
+        training_args.trust_remote_code,
+        training_args.chat_template_path,
+        training_args.assistant_only_loss,
+    )
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
@@ -39,6 +46,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
+    check_prepared(train_dataset, trainer.train_dataset, training_args.max_length)
     record_run(training_args, config, "sft.py")
     train_save_publish(trainer, tokenizer, script_args, training_args, model_args, push, "sft.py", resume)
 

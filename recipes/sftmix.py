@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
 from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data import check_prepared, has_multi_turn, load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
 from sftmix_trl.model_card import sftmix_card_sections
 from sftmix_trl.runs import (
@@ -31,6 +31,8 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         training_args, config, resume, script_args.overwrite_output_dir, keep=training_args.confidence_dir
     )
     train_dataset, eval_dataset = load_datasets(script_args)
+    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation markers
+    training_args.assistant_only_loss |= has_multi_turn(train_dataset, eval_dataset)
     table = compute_confidence(
         train_dataset,
         model_args,
@@ -39,7 +41,12 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         training_args.confidence_table or training_args.confidence_dir,
         must_exist=training_args.confidence_table is not None,
     )
-    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code, training_args.chat_template_path)
+    tokenizer = load_tokenizer(
+        model_args,
+        training_args.trust_remote_code,
+        training_args.chat_template_path,
+        training_args.assistant_only_loss,
+    )
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
@@ -52,6 +59,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
+    check_prepared(train_dataset, trainer.train_dataset, training_args.max_length)
     record_run(training_args, config, "sftmix.py")
     train_save_publish(
         trainer,

@@ -41,7 +41,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .data import EXAMPLE_ID
+from .data import EXAMPLE_ID, has_multi_turn
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,9 @@ def dataset_fingerprint(example_ids: list[str]) -> str:
 
 
 # What makes a table apply to a training run at all; the reference settings only matter when recomputing
-DATA_KEYS = ("dataset_fingerprint", "num_examples", "tokenizer", "chat_template_sha256", "max_length")
+DATA_KEYS = ("dataset_fingerprint", "num_examples", "tokenizer", "chat_template_sha256", "max_length", "scored_turns")
+# Tables written before multi-turn conversations trained every assistant turn scored each example's last turn
+METADATA_DEFAULTS = {"scored_turns": "last"}
 
 
 def check_metadata(expected: dict, found: dict, where: str | os.PathLike, keys: tuple[str, ...] | None = None) -> None:
@@ -379,8 +381,18 @@ def _reference_args(training_args, config: ConfidenceConfig, output_dir: Path):
     return SFTConfig(**values)
 
 
+def scores_all_turns(train_dataset: Dataset, training_args) -> bool:
+    """Whether the response tokens are every assistant turn (TRL's `assistant_only_loss`, on for multi-turn
+    conversations) rather than each example's completion."""
+    return bool(getattr(training_args, "assistant_only_loss", False)) or has_multi_turn(train_dataset)
+
+
 def expected_metadata(train_dataset: Dataset, model_args, training_args, config: ConfidenceConfig, tokenizer) -> dict:
-    """What a confidence table depends on. Anything here that differs makes a stored table inapplicable."""
+    """What a confidence table depends on. Anything here that differs makes a stored table inapplicable.
+
+    `scored_turns` is "all" when the perplexity runs over every assistant turn of the conversations, "last" when it
+    runs over each example's completion (its only or last assistant turn).
+    """
     reference = config.reference_model_name_or_path or model_args.model_name_or_path
     chat_template = getattr(training_args, "chat_template_path", None) or tokenizer.chat_template or ""
     return {
@@ -391,6 +403,7 @@ def expected_metadata(train_dataset: Dataset, model_args, training_args, config:
         "tokenizer": f"{tokenizer.name_or_path} (vocab {len(tokenizer)})",
         "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest()[:16],
         "max_length": training_args.max_length,
+        "scored_turns": "all" if scores_all_turns(train_dataset, training_args) else "last",
         "load_in_4bit": model_args.load_in_4bit,
         "lora": f"r={model_args.lora_r} alpha={model_args.lora_alpha} targets={model_args.lora_target_modules}",
         "seed": training_args.seed,
@@ -447,34 +460,48 @@ def compute_confidence(
     reference_args = dataclasses.replace(
         model_args, model_name_or_path=config.reference_model_name_or_path or model_args.model_name_or_path
     )
-    tokenizer = load_tokenizer(reference_args, training_args.trust_remote_code, training_args.chat_template_path)
+    all_turns = scores_all_turns(train_dataset, training_args)
+    tokenizer = load_tokenizer(
+        reference_args,
+        training_args.trust_remote_code,
+        training_args.chat_template_path,
+        assistant_only_loss=all_turns,
+    )
     expected = expected_metadata(train_dataset, model_args, training_args, config, tokenizer)
 
     if (directory / TABLE_FILE).is_file():
         table = ConfidenceTable.load(directory)
         # A table named explicitly (must_exist) only has to fit the data; the run's own folder must fit everything
-        check_metadata(expected, table.metadata["run"], directory, DATA_KEYS if must_exist else None)
+        found = {**METADATA_DEFAULTS, **table.metadata["run"]}
+        check_metadata(expected, found, directory, DATA_KEYS if must_exist else None)
         logger.info("reusing the confidence table in %s", directory)
         return table
     if must_exist:
         raise ConfidenceError(f"no confidence table in {directory} (expected {directory / TABLE_FILE})")
     if (directory / RUN_FILE).is_file():
-        check_metadata(expected, json.loads((directory / RUN_FILE).read_text()), directory)
+        check_metadata(expected, {**METADATA_DEFAULTS, **json.loads((directory / RUN_FILE).read_text())}, directory)
     state.wait_for_everyone()
     if state.is_main_process:
         _atomic_write(directory / RUN_FILE, json.dumps(expected, indent=2, default=str))
 
     model = load_model(reference_args, training_args.trust_remote_code)
     snapshots = _SnapshotCallback(directory / "snapshots", config.num_confidence_checkpoints)
+    reference_training_args = _reference_args(training_args, config, directory)
+    reference_training_args.assistant_only_loss = all_turns
     trainer = SFTTrainer(
         model=model,
-        args=_reference_args(training_args, config, directory),
+        args=reference_training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(reference_args),
         callbacks=[snapshots],
     )
     prepared = trainer.train_dataset
+    if len(prepared) < 2:
+        raise ConfidenceError(
+            f"{len(prepared)} of {len(train_dataset)} training examples keep a response token within max_length="
+            f"{training_args.max_length}; the confidence split needs at least 2: raise `max_length`"
+        )
     steps_file = directory / "snapshots" / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else []
     times = {}

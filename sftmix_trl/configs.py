@@ -28,9 +28,19 @@ class ScriptArguments:
         default="auto",
         metadata={
             "help": "Record format of `dataset_name`: 'alpaca' (instruction, input, output), 'prompt_completion' "
-            "(strings or chat messages), 'messages' (multi-turn chat; the last assistant turn is the completion) "
+            "(strings or chat messages), 'messages' (chat, possibly multi-turn; see `assistant_turns`) "
             "or 'auto' (detected from the columns).",
             "choices": ["auto", "alpaca", "prompt_completion", "messages"],
+        },
+    )
+    assistant_turns: str = field(
+        default="all",
+        metadata={
+            "help": "Assistant turns of a multi-turn 'messages' conversation that are trained and scored: 'all' "
+            "(every one, through TRL's `assistant_only_loss`, turned on automatically; the chat template needs "
+            "generation markers around the replies, derived for ChatML-like templates) or 'last' (only the last; "
+            "earlier turns are context). Single-turn examples train the same either way.",
+            "choices": ["all", "last"],
         },
     )
     dataset_mixture: dict[str, Any] | str | None = field(

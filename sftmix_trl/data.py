@@ -1,7 +1,11 @@
 """Training data: sources, formats and mixtures, normalised to TRL's conversational prompt/completion form.
 
-Every example ends up as ``{"prompt": [messages], "completion": [{"role": "assistant", ...}], "example_id": str}``.
-TRL renders both with the tokenizer's chat template and trains on the completion tokens only. ``example_id`` is a
+Every example ends up as ``{"prompt": [messages], "completion": [messages], "example_id": str}``. TRL renders both
+with the tokenizer's chat template and trains on the completion tokens only. A multi-turn conversation (``messages``
+with several assistant turns) is split at its first assistant turn: the completion holds every later message, and
+TRL's ``assistant_only_loss`` (with a template whose ``{% generation %}`` markers delimit the assistant replies, see
+``chat_templates``) trains the assistant turns in it and not the user turns between them. With
+``assistant_turns="last"`` the conversation is split at its last assistant turn instead: earlier turns are context. ``example_id`` is a
 fingerprint of the normalised example: the confidence stage keys its scores by it, because TRL drops examples that
 truncation leaves without a response token, so row positions are not stable between stages.
 """
@@ -28,6 +32,7 @@ REQUIRED_FIELDS = {
     "messages": ("messages",),
 }
 EXAMPLE_ID = "example_id"
+ASSISTANT_TURNS = ("all", "last")
 
 
 class DataError(ValueError):
@@ -146,8 +151,13 @@ def _as_messages(value: Any, role: str, where: str, field_name: str) -> list[dic
     raise DataError(f"{where}: field '{field_name}' must be a string or a list of {{role, content}} messages")
 
 
-def normalise(record: dict, fmt: str, where: str) -> dict:
-    """One record in TRL's conversational prompt/completion form."""
+def normalise(record: dict, fmt: str, where: str, assistant_turns: str = "all") -> dict:
+    """One record in TRL's conversational prompt/completion form.
+
+    A `messages` conversation is cut before its first assistant turn (`assistant_turns="all"`: the completion holds
+    every assistant turn, with the user turns between them) or before its last (`"last"`: earlier turns are context).
+    Messages after the last assistant turn are dropped: nothing would be trained on them.
+    """
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for name in REQUIRED_FIELDS[fmt]:
@@ -166,11 +176,12 @@ def normalise(record: dict, fmt: str, where: str) -> dict:
         completion = _as_messages(record["completion"], "assistant", where, "completion")
     else:
         messages = _as_messages(record["messages"], "user", where, "messages")
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None or last == 0:
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+        if not replies:
             raise DataError(f"{where}: 'messages' needs an assistant turn after at least one other message")
-        # The last assistant turn is the trained completion; earlier turns are context.
-        prompt, completion = messages[:last], [messages[last]]
+        # A leading assistant message (a greeting) has no prompt to follow: it stays context in either mode
+        cut = replies[0] if assistant_turns == "all" else replies[-1]
+        prompt, completion = messages[:cut], messages[cut : replies[-1] + 1]
     return {"prompt": prompt, "completion": completion}
 
 
@@ -181,11 +192,39 @@ def example_fingerprint(example: dict) -> str:
 
 
 def _is_empty(example: dict) -> bool:
-    return not "".join(m["content"] for m in example["completion"]).strip()
+    replies = [m for m in example["completion"] if m["role"] == "assistant"] or example["completion"]
+    return not "".join(m["content"] for m in replies).strip()
 
 
-def load_source(source: DataSource, seed: int = 42) -> Dataset:
-    """Read, validate and normalise one source; drop (and count) examples with an empty response."""
+def has_multi_turn(*datasets: Dataset | None) -> bool:
+    """Whether some example's completion spans several messages (a conversation trained on all its assistant
+    turns): then only the assistant replies in it may be trained, which needs TRL's `assistant_only_loss`."""
+    return any(len(c) > 1 for dataset in datasets if dataset is not None for c in dataset["completion"])
+
+
+def check_prepared(dataset: Dataset, prepared: Dataset, max_length: int | None, what: str = "training") -> None:
+    """Count the examples TRL's preparation dropped because truncation to `max_length` left them no trained token
+    (a prompt, or the turns before the first assistant reply, filling `max_length`); stop if none is left."""
+    dropped = len(dataset) - len(prepared)
+    if dropped:
+        logger.warning(
+            "%s data: dropped %d of %d examples with no response token within max_length=%s",
+            what,
+            dropped,
+            len(dataset),
+            max_length,
+        )
+    if len(prepared) == 0:
+        raise DataError(f"no {what} example keeps a response token within max_length={max_length}: raise `max_length`")
+
+
+def load_source(source: DataSource, seed: int = 42, assistant_turns: str = "all") -> Dataset:
+    """Read, validate and normalise one source; drop (and count) examples with an empty response.
+
+    `assistant_turns`: "all" trains every assistant turn of a multi-turn conversation, "last" only its last.
+    """
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise DataError(f"`assistant_turns` must be one of {', '.join(ASSISTANT_TURNS)}, got {assistant_turns!r}")
     records = read_source(source)
     if not records:
         raise DataError(f"{source.path}: the dataset is empty")
@@ -198,7 +237,7 @@ def load_source(source: DataSource, seed: int = 42) -> Dataset:
             if file not in formats:
                 formats[file] = detect_format(record, where)
             fmt = formats[file]
-        example = normalise(record, fmt, where)
+        example = normalise(record, fmt, where, assistant_turns)
         if _is_empty(example):
             empty += 1
             continue
@@ -267,7 +306,8 @@ def load_datasets(script_args) -> tuple[Dataset, Dataset | None]:
     """The training set and the optional held-out split, normalised, fingerprinted and de-duplicated."""
     sources = sources_from_args(script_args)
     seed = (script_args.dataset_mixture or {}).get("seed", script_args.dataset_seed)
-    parts = [load_source(source, seed) for source in sources]
+    assistant_turns = getattr(script_args, "assistant_turns", "all")
+    parts = [load_source(source, seed, assistant_turns) for source in sources]
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     dataset = dataset.map(lambda example: {EXAMPLE_ID: example_fingerprint(example)})
     dataset = _deduplicate(dataset).shuffle(seed=seed).flatten_indices()
@@ -282,4 +322,9 @@ def load_datasets(script_args) -> tuple[Dataset, Dataset | None]:
     if script_args.max_train_examples is not None:
         dataset = dataset.select(range(min(script_args.max_train_examples, len(dataset))))
     logger.info("training examples: %d; held-out: %d", len(dataset), len(eval_dataset) if eval_dataset else 0)
+    if has_multi_turn(dataset):
+        conversations = sum(len(completion) > 1 for completion in dataset["completion"])
+        logger.info(
+            "%d multi-turn conversations: every assistant turn is trained (assistant_only_loss)", conversations
+        )
     return dataset, eval_dataset

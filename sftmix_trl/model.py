@@ -22,6 +22,7 @@ from transformers import (
 )
 from trl import get_peft_config
 
+from .chat_templates import ChatTemplateError, training_chat_template
 from .configs import ModelArguments, bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -116,11 +117,16 @@ def _check_model_path(path: str | None) -> str:
 
 
 def load_tokenizer(
-    model_args: ModelArguments, trust_remote_code: bool = False, chat_template_path: str | None = None
+    model_args: ModelArguments,
+    trust_remote_code: bool = False,
+    chat_template_path: str | None = None,
+    assistant_only_loss: bool = False,
 ) -> PreTrainedTokenizerBase:
     """The base's tokenizer, right-padded, with a padding token distinct from the end-of-turn token.
 
     `chat_template_path` (a .jinja file) gives a base model without a chat template one to train and generate with.
+    `assistant_only_loss` (multi-turn conversations) swaps in a copy of the template with `{% generation %}` markers
+    around the assistant replies (`chat_templates.training_chat_template`); it renders the same text.
     """
     path = _check_model_path(model_args.model_name_or_path)
     try:
@@ -138,6 +144,11 @@ def load_tokenizer(
             f"{model_args.model_name_or_path} has no chat template; use an instruct/chat tokenizer or set "
             "`chat_template_path`"
         )
+    if assistant_only_loss:
+        try:
+            tokenizer.chat_template = training_chat_template(tokenizer)
+        except ChatTemplateError as error:
+            raise ModelLoadError(str(error)) from None
     tokenizer.padding_side = "right"
     set_pad_token(tokenizer, model_args.tokenizer_pad_token)
     return tokenizer

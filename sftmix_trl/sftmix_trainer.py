@@ -22,7 +22,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
-from .data import EXAMPLE_ID
+from .data import EXAMPLE_ID, has_multi_turn
 from .mixup import count_mixed_positions, mixup_loss
 from .sampler import PairedSampler
 from .sftmix_config import SFTMixConfig
@@ -61,6 +61,9 @@ class SFTMixTrainer(SFTTrainer):
             raise TypeError(f"SFTMixTrainer needs an SFTMixConfig, got {type(args).__name__}")
         if EXAMPLE_ID not in train_dataset.column_names:
             raise ValueError(f"train_dataset needs an `{EXAMPLE_ID}` column (sftmix_trl.data.load_datasets adds it)")
+        if has_multi_turn(train_dataset) and not args.assistant_only_loss:
+            # Without it TRL trains the user turns inside a multi-turn completion, and stage 1 scored without them
+            raise ValueError("multi-turn conversations in train_dataset need `assistant_only_loss=True`")
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self._check_lm_head()
 

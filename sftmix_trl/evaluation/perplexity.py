@@ -26,8 +26,14 @@ def load_perplexity_data(
     limit: int | None = None,
 ) -> Dataset:
     """Examples read by `sftmix_trl.data` (any source and format it reads); with `held_out`, only that split."""
+    # `render` scores the completion after one prompt: a conversation is scored on its last assistant turn
     args = ScriptArguments(
-        dataset_name=path, dataset_format=fmt, dataset_train_split=split, eval_split_size=held_out, dataset_seed=seed
+        dataset_name=path,
+        dataset_format=fmt,
+        dataset_train_split=split,
+        eval_split_size=held_out,
+        dataset_seed=seed,
+        assistant_turns="last",
     )
     train, held = load_datasets(args)
     dataset = held if held_out else train
