@@ -86,8 +86,13 @@ def test_messages_last_assistant_turn_is_the_completion(tmp_path):
         {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue."},
     ]
-    assert load_records(tmp_path, [{"messages": conversation}]) == [
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}])
+    assert rows(load_source(DataSource(str(path)), assistant_turns="last")) == [
         {"prompt": conversation[:4], "completion": conversation[4:]}
+    ]
+    # by default every assistant turn is trained: the completion starts at the first one (tests/test_multiturn.py)
+    assert load_records(tmp_path, [{"messages": conversation}]) == [
+        {"prompt": conversation[:2], "completion": conversation[2:]}
     ]
 
 
@@ -330,7 +335,7 @@ def test_trl_masks_the_prompt_tokens(tiny_model, tmp_path):
         {"role": "assistant", "content": "Blue, like the sky."},
     ]
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}])
-    dataset = load_source(DataSource(str(tmp_path / "chat.jsonl")))
+    dataset = load_source(DataSource(str(tmp_path / "chat.jsonl")), assistant_turns="last")  # all: test_multiturn.py
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model),
