@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -196,10 +198,19 @@ def _is_empty(example: dict) -> bool:
     return not "".join(m["content"] for m in replies).strip()
 
 
+def count_multi_turn(dataset: Dataset) -> int:
+    """Examples whose completion spans several messages (conversations trained on all their assistant turns)."""
+    column_type = dataset.data.schema.field("completion").type if "completion" in dataset.column_names else None
+    if column_type is None or not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)):
+        return 0  # not this package's conversational form (e.g. plain-text completions)
+    lengths = pc.list_value_length(dataset.with_format("arrow")["completion"])  # no Python copy of the text
+    return int(pc.sum(pc.greater(lengths, 1)).as_py() or 0)
+
+
 def has_multi_turn(*datasets: Dataset | None) -> bool:
-    """Whether some example's completion spans several messages (a conversation trained on all its assistant
-    turns): then only the assistant replies in it may be trained, which needs TRL's `assistant_only_loss`."""
-    return any(len(c) > 1 for dataset in datasets if dataset is not None for c in dataset["completion"])
+    """Whether some example's completion spans several messages: then only the assistant replies in it may be
+    trained, which needs TRL's `assistant_only_loss`."""
+    return any(count_multi_turn(dataset) > 0 for dataset in datasets if dataset is not None)
 
 
 def check_prepared(dataset: Dataset, prepared: Dataset, max_length: int | None, what: str = "training") -> None:
@@ -322,8 +333,8 @@ def load_datasets(script_args) -> tuple[Dataset, Dataset | None]:
     if script_args.max_train_examples is not None:
         dataset = dataset.select(range(min(script_args.max_train_examples, len(dataset))))
     logger.info("training examples: %d; held-out: %d", len(dataset), len(eval_dataset) if eval_dataset else 0)
-    if has_multi_turn(dataset):
-        conversations = sum(len(completion) > 1 for completion in dataset["completion"])
+    conversations = count_multi_turn(dataset)
+    if conversations:
         logger.info(
             "%d multi-turn conversations: every assistant turn is trained (assistant_only_loss)", conversations
         )
