@@ -367,3 +367,25 @@ def test_demo_mixture_trains_both_turns_of_its_two_turn_conversations(tiny_model
     for example in two_turn:
         replies = [m["content"] + "<|im_end|>\n" for m in example["completion"] if m["role"] == "assistant"]
         assert trained_text(tokenizer, rows[example[EXAMPLE_ID]]) == replies
+
+
+def test_recipe_stops_with_one_line_when_truncation_leaves_no_reply(tiny_model, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from sftmix_trl.runs import launch
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation(2)}, {"messages": conversation(3)}])
+    spec = importlib.util.spec_from_file_location("recipe_sft", ROOT / "recipes" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    argv = ["--dataset_name", str(path), "--model_name_or_path", str(tiny_model), "--load_in_4bit", "false"]
+    argv += ["--output_dir", str(out), "--max_length", "12", "--report_to", "none"]
+    monkeypatch.setattr(sys, "argv", ["sft.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        launch(module.main, (ScriptArguments, SFTConfig, ModelArguments))
+    assert (
+        str(stop.value) == "error: no training example keeps a response token within max_length=12: raise `max_length`"
+    )
+    assert not out.exists() or not any(out.iterdir())  # transformers' Trainer creates the folder, nothing in it
