@@ -2,7 +2,7 @@
 
 A LoRA reference adapter (on the same 4-bit base by default) is trained with plain NTP on the training set. At C
 evenly spaced snapshots along that run, every example is scored in inference mode by the perplexity of its
-response; `confidence = -mean_c PPL_c`. The higher-confidence `confident_fraction` of the examples is D_c, the rest
+response (all the assistant turns of a multi-turn conversation); `confidence = -mean_c PPL_c`. The higher-confidence `confident_fraction` of the examples is D_c, the rest
 D_u.
 
 Everything lands in one folder (`confidence_dir`):

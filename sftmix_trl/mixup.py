@@ -1,7 +1,8 @@
 """The SFTMix Mixup loss on final hidden states, computed in chunks so the full logits never exist at once.
 
 For each confident/unconfident pair k, the first N_k = min(N_c, N_u) response-predicting positions of both sequences
-are mixed in order (prompts and padding never are):
+are mixed in order (prompts, user turns and padding never are; a multi-turn conversation's positions run across its
+assistant turns, so the first N_k may end inside a later turn):
 
     z_n      = lam_k * h_c[n] + (1 - lam_k) * h_u[n]                      # (D,)
     loss_n   = lam_k * CE(lm_head(z_n), y_c[n]) + (1 - lam_k) * CE(lm_head(z_n), y_u[n])
