@@ -154,7 +154,7 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         if not isinstance(config, dict):
             raise SystemExit(f"error: {path} must hold a YAML mapping of keys to values")
         unknown += [f"{key}{_suggest(key, known)} in {path}" for key in config if key not in known and key != "env"]
-    flags = [a[2:].split("=")[0] for a in args if a.startswith("--") and a != "--config"]
+    flags = [a[2:].split("=")[0] for a in args if a.startswith("--") and a not in ("--config", "--help")]
     flags = [flag for flag in flags if flag not in known and flag.removeprefix("no_") not in known]  # --no_<bool>
     unknown += [f"--{flag}{_suggest(flag, known)} on the command line" for flag in flags]
     if unknown:

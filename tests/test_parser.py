@@ -49,6 +49,14 @@ def test_unknown_command_line_flag_names_it_and_suggests(config, flag):
         parse_args(SFT_TYPES, ["--config", path, *flag])
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_fields(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(SFT_TYPES, [flag])
+    assert stop.value.code == 0
+    assert "--learning_rate" in capsys.readouterr().out
+
+
 def test_negated_boolean_flag(config):
     path = config({"dataset_name": "x.jsonl", "load_in_4bit": True})
     assert parse_args(SFT_TYPES, ["--config", path])[2].load_in_4bit is True
