@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -57,25 +58,43 @@ def _is_local(path: str) -> bool:
     return os.path.exists(path) or path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
 
 
+def _encoding_error(path: Path, data: bytes, error: UnicodeDecodeError, line_number: int | None = None) -> DataError:
+    """One line naming the file, the line and byte offset, and the bytes that are not UTF-8."""
+    line_number = line_number or data.count(b"\n", 0, error.start) + 1
+    bad = data[error.start : error.end].hex(" ")
+    return DataError(
+        f"{path}, line {line_number} (byte {error.start}): not valid UTF-8 (byte(s) {bad}: {error.reason}); "
+        "save the file as UTF-8"
+    )
+
+
 def _read_json_records(path: Path) -> list[tuple[str, dict]]:
     """Records of a .json (array) or .jsonl file, each with a location string for error messages."""
+    data = path.read_bytes()  # decoded here, so that a byte that is not UTF-8 is reported with its line
     if path.suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
-                records.append((f"{path}, line {line_number}", record))
+        records, offset = [], 0
+        for line_number, raw in enumerate(data.splitlines(keepends=True), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                error.start, error.end = offset + error.start, offset + error.end  # offsets in the whole file
+                raise _encoding_error(path, data, error, line_number) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
+            records.append((f"{path}, line {line_number}", record))
         return records
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        if not text.strip():
-            return []  # an empty file: reported as an empty dataset, not as malformed JSON
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _encoding_error(path, data, error) from None
+    if not text.strip():
+        return []  # an empty file: reported as an empty dataset, not as malformed JSON
+    try:
         content = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
@@ -110,7 +129,10 @@ def read_source(source: DataSource) -> list[tuple[str, dict]]:
     records = []
     for path in _local_files(Path(os.path.expanduser(source.path))):
         if path.suffix == ".parquet":
-            dataset = Dataset.from_parquet(str(path))
+            try:
+                dataset = Dataset.from_parquet(str(path))
+            except (UnicodeDecodeError, pa.ArrowException) as error:  # Parquet strings are UTF-8 by definition
+                raise DataError(f"{path}: cannot read this Parquet file ({type(error).__name__}: {error})") from None
             records += [(f"{path}, record {i}", record) for i, record in enumerate(dataset)]
         else:
             records += _read_json_records(path)
