@@ -190,18 +190,18 @@ class SFTMixTrainer(SFTTrainer):
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards the head: the loss reads it whole, like TRL's fused head
             weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
-        if not self._engine_logged:  # what wraps the model and what the loss sees of the head, once per run
-            self._engine_logged = True
-            logger.info(
-                "SFTMix training through %s on %d process(es); Mixup head weight %s",
-                type(model).__name__,
-                self.accelerator.num_processes,
-                tuple(weight.shape),
-            )
         lam = self._draw_lambdas(rows)
         grad = self.args.mixup_weight > 0 and torch.is_grad_enabled()
         # maybe_gather_lm_head_ctx: under ZeRO-3 the head's weight is a 0-size shard outside its own forward
         with torch.set_grad_enabled(grad), maybe_gather_lm_head_ctx(weight, bias):
+            if not self._engine_logged:  # what wraps the model and the head the loss uses (gathered), once per run
+                self._engine_logged = True
+                logger.info(
+                    "SFTMix training through %s on %d process(es); Mixup head weight %s",
+                    type(model).__name__,
+                    self.accelerator.num_processes,
+                    tuple(weight.shape),
+                )
             mix_sum = mixup_loss(
                 hidden[0::2],
                 hidden[1::2],
