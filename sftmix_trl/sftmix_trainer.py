@@ -1,5 +1,8 @@
 """`SFTMixTrainer`: TRL's `SFTTrainer` with paired confident/unconfident batches and the Mixup regulariser.
 
+It builds on `NTPTrainer` (TRL's `SFTTrainer` resuming in the dtypes the run started with, shared with the NTP
+recipe).
+
 It overrides four hooks and leaves the rest to TRL:
 - `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k);
 - `_get_num_items_in_batch`: also counts the mixed positions of the accumulation window (and across processes), so
@@ -18,12 +21,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID
 from .mixup import count_mixed_positions, mixup_loss
+from .ntp_trainer import NTPTrainer
 from .sampler import PairedSampler
 from .sftmix_config import SFTMixConfig
 
@@ -45,7 +48,7 @@ class _KeepRowIndex:
         return batch
 
 
-class SFTMixTrainer(SFTTrainer):
+class SFTMixTrainer(NTPTrainer):
     _tag_names = ["trl", "sft", "sftmix"]
     _name = "SFTMix"
 
@@ -114,15 +117,6 @@ class SFTMixTrainer(SFTTrainer):
             mixed = self.accelerator.gather(mixed).sum()
         self._num_mixed_in_batch = mixed
         return num_items
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # PEFT's `load_adapter` rebuilds the adapter in float32, while TRL trains a 4-bit base's adapter in bf16: put
-        # back the dtype the run started with, or the resumed run continues with other numerics than the original
-        for name, param in self.model.named_parameters():
-            if name in dtypes and param.dtype != dtypes[name]:
-                param.data = param.data.to(dtypes[name])
 
     # -- model ----------------------------------------------------------------------------------------------------------
 
