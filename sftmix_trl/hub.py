@@ -200,15 +200,21 @@ def launch_line(recipe: str) -> str:
     processes, ranks) when accelerate launched it, else the command of this process."""
     launcher = _accelerate_launcher_args()
     if launcher is not None:
-        return "accelerate launch " + shlex.join(launcher)
-    program = Path(sys.argv[0])
-    if program.name == "sftmix-trl":
-        command = "sftmix-trl"
+        line = "accelerate launch " + shlex.join(launcher)
+        if "--config_file" not in launcher:
+            from accelerate.commands.config import default_config_file
+
+            if os.path.isfile(default_config_file):  # what accelerate read instead: a file of this machine only
+                line += f"  # accelerate config: {default_config_file}"
+        return line
+    program, command = Path(sys.argv[0]), Path(recipe).stem
+    if program.name == "sftmix-trl":  # `sftmix_trl.cli` took the command out of sys.argv
+        line = f"sftmix-trl {command}"
     elif program.name == "cli.py" and program.parent.name == "sftmix_trl":
-        command = "python -m sftmix_trl.cli"
+        line = f"python -m sftmix_trl.cli {command}"
     else:
-        command = f"python {shlex.quote(sys.argv[0]) if sys.argv[0] else f'recipes/{recipe}'}"
-    return f"{command} {shlex.join(sys.argv[1:])}".rstrip()
+        line = f"python {shlex.quote(sys.argv[0]) if sys.argv[0] else f'recipes/{recipe}'}"
+    return f"{line} {shlex.join(sys.argv[1:])}".rstrip()
 
 
 def dataset_names(script_args) -> list[str]:
