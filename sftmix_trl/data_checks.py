@@ -81,6 +81,7 @@ def check_training_data(
     confidence_dir: str | None = None,
     pairs_per_device: int | None = None,
     trainer_class: type = SFTTrainer,
+    table_given: bool = False,
 ) -> Dataset:
     """Fail with one `DataError` line, before any write, when the data cannot train as configured.
 
@@ -90,7 +91,7 @@ def check_training_data(
         training_args: the run's `SFTConfig`/`SFTMixConfig` (max_length, truncation_mode, loss settings).
         confidence_config: the `ConfidenceConfig` of a run with a confidence stage: then at least 2 examples must
             keep a response token, and the reference run needs at least `num_confidence_checkpoints` optimizer steps
-            (unless a finished table already lies in `confidence_dir`).
+            (unless a finished table already lies in `confidence_dir`, or `table_given`: the run only reads one).
         pairs_per_device: K of an SFTMix run: each half of the split needs at least K examples.
         trainer_class: the trainer that will prepare the data.
 
@@ -118,7 +119,7 @@ def check_training_data(
             raise _too_few(eval_dataset, prepared_eval, tokenizer, training_args, "held-out", "evaluation", 1)
 
     n = len(prepared)
-    has_table = confidence_dir is not None and (Path(confidence_dir) / TABLE_FILE).is_file()
+    has_table = table_given or (confidence_dir is not None and (Path(confidence_dir) / TABLE_FILE).is_file())
     if confidence_config is not None and not has_table:
         steps = reference_steps(n, training_args, confidence_config)
         if steps < confidence_config.num_confidence_checkpoints:
@@ -149,25 +150,35 @@ def check_sftmix_data(
     confidence_config,
     confidence_dir: str | None,
     trainer_class: type | None = None,
+    table_given: bool = False,
 ) -> None:
     """`check_training_data` for the SFTMix recipes.
 
     Stage 1 is checked with the reference's tokenizer (it prepares the data the reference scores); with
     `trainer_class` (the SFTMix recipe), stage 2 is checked with `tokenizer` too: the held-out set and the pairs of a
-    micro-batch.
+    micro-batch. `table_given`: the run reads an existing table (`confidence_table`) and trains no reference.
     """
     from .model import load_tokenizer
 
     reference = confidence_config.reference_model_name_or_path
-    if trainer_class is None or (reference and reference != model_args.model_name_or_path):
-        if reference and reference != model_args.model_name_or_path:
+    own_reference = bool(reference) and reference != model_args.model_name_or_path
+    if trainer_class is None or own_reference:  # stage 1 alone, or stage 1 with the reference's own tokenizer
+        reference_tokenizer = tokenizer
+        if own_reference:
             reference_args = dataclasses.replace(model_args, model_name_or_path=reference)
-            trust, template = training_args.trust_remote_code, training_args.chat_template_path
-            tokenizer_1 = load_tokenizer(reference_args, trust, template)
-        else:
-            tokenizer_1 = tokenizer
-        check_training_data(train_dataset, tokenizer_1, training_args, None, confidence_config, confidence_dir)
-    if trainer_class is not None:
+            reference_tokenizer = load_tokenizer(
+                reference_args, training_args.trust_remote_code, training_args.chat_template_path
+            )
+        check_training_data(
+            train_dataset,
+            reference_tokenizer,
+            training_args,
+            None,
+            confidence_config,
+            confidence_dir,
+            table_given=table_given,
+        )
+    if trainer_class is not None:  # stage 2 (and stage 1 when both stages tokenise alike)
         check_training_data(
             train_dataset,
             tokenizer,
@@ -177,4 +188,5 @@ def check_sftmix_data(
             confidence_dir,
             pairs_per_device=training_args.pairs_per_device,
             trainer_class=trainer_class,
+            table_given=table_given,
         )

@@ -39,7 +39,15 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     table_dir = training_args.confidence_table or training_args.confidence_dir
     tokenizer = load_tokenizer(model_args, training_args.trust_remote_code, training_args.chat_template_path)
     check_sftmix_data(
-        train_dataset, eval_dataset, tokenizer, model_args, training_args, confidence_config, table_dir, SFTMixTrainer
+        train_dataset,
+        eval_dataset,
+        tokenizer,
+        model_args,
+        training_args,
+        confidence_config,
+        table_dir,
+        SFTMixTrainer,
+        table_given=training_args.confidence_table is not None,
     )
     table = compute_confidence(
         train_dataset,
