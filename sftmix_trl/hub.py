@@ -76,7 +76,7 @@ def write_model_card(
     body = f"""# {repo}
 
 A LoRA adapter for {base} fine-tuned with **{method}**
-using {package} (Python package `sftmix-trl`) on TRL's `SFTTrainer`.
+using the Python package {package} on TRL's `SFTTrainer`.
 {SFTMIX_CITATION if method == "SFTMix" else ""}
 
 ## Training settings
