@@ -369,3 +369,10 @@ def test_cli_under_accelerate_runs_the_demo_config(tiny_model, tmp_path):
         f"accelerate launch --config_file {config} -m sftmix_trl.cli sft --config configs/demo/sft_qlora.yaml" in card
     )
     assert "gemm_4bit_forward" not in result.stdout + result.stderr  # item 7, in a real 4-bit run
+
+
+def test_evaluation_max_length_that_leaves_no_scored_token_is_refused_before_loading():
+    from sftmix_trl.evaluation import EvalArguments, EvalError
+
+    with pytest.raises(EvalError, match=r"`max_length` must be >= 2"):
+        EvalArguments(tasks=["perplexity"], perplexity_data="data/demo/health_qa.json", max_length=1)
