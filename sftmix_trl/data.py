@@ -118,6 +118,28 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _dataset_records(dataset: Dataset, name: str) -> list[tuple[str, dict]]:
+    """The rows of a Parquet-backed dataset (a local file or the Hub), with a location each. Arrow stores text as
+    UTF-8 without always checking it: a row that does not decode is named, with its bytes, in one line."""
+    records = []
+    try:
+        for index, record in enumerate(dataset):
+            records.append((f"{name}, record {index}", record))
+    except UnicodeDecodeError as error:
+        bad = len(records)  # rows decode in batches: find the first one that fails
+        while bad < len(dataset) - 1:
+            try:
+                dataset[bad]
+            except UnicodeDecodeError:
+                break
+            bad += 1
+        bytes_ = error.object[error.start : error.end].hex(" ")
+        raise DataError(
+            f"{name}, record {bad}: a text field is not valid UTF-8 (byte(s) {bytes_}: {error.reason})"
+        ) from None
+    return records
+
+
 def read_source(source: DataSource) -> list[tuple[str, dict]]:
     """All records of a source, as (location, record) pairs."""
     if not _is_local(source.path):
@@ -125,7 +147,7 @@ def read_source(source: DataSource) -> list[tuple[str, dict]]:
             dataset = load_dataset(source.path, name=source.name, split=source.split)
         except Exception as error:  # offline, unknown id, gated: say which source failed
             raise DataError(f"could not load Hub dataset {source.path!r} (split {source.split!r}): {error}") from None
-        return [(f"{source.path}[{source.split}], record {i}", record) for i, record in enumerate(dataset)]
+        return _dataset_records(dataset, f"{source.path}[{source.split}]")
     records = []
     for path in _local_files(Path(os.path.expanduser(source.path))):
         if path.suffix == ".parquet":
@@ -133,7 +155,7 @@ def read_source(source: DataSource) -> list[tuple[str, dict]]:
                 dataset = Dataset.from_parquet(str(path))
             except (UnicodeDecodeError, pa.ArrowException) as error:  # Parquet strings are UTF-8 by definition
                 raise DataError(f"{path}: cannot read this Parquet file ({type(error).__name__}: {error})") from None
-            records += [(f"{path}, record {i}", record) for i, record in enumerate(dataset)]
+            records += _dataset_records(dataset, str(path))
         else:
             records += _read_json_records(path)
     return records

@@ -376,3 +376,21 @@ def test_evaluation_max_length_that_leaves_no_scored_token_is_refused_before_loa
 
     with pytest.raises(EvalError, match=r"`max_length` must be >= 2"):
         EvalArguments(tasks=["perplexity"], perplexity_data="data/demo/health_qa.json", max_length=1)
+
+
+def test_parquet_with_a_text_field_that_is_not_utf8_names_the_record(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def text(values):  # Arrow strings that skip UTF-8 validation, as some writers produce them
+        return pa.array(values, type=pa.binary()).view(pa.string())
+
+    rows = [b"fine question", b"Caf\xe9 or tea?", b"another"]
+    path = tmp_path / "latin1.parquet"
+    pq.write_table(pa.table({"instruction": text(rows), "output": text([b"a", b"b", b"c"])}), path)
+    with pytest.raises(DataError) as error:
+        load_source(DataSource(str(path)))
+    assert (
+        str(error.value)
+        == f"{path}, record 1: a text field is not valid UTF-8 (byte(s) e9: invalid continuation byte)"
+    )
