@@ -1,55 +1,10 @@
 """NTP baseline: QLoRA supervised fine-tuning with TRL's SFTTrainer.
 
 accelerate launch recipes/sft.py --config configs/demo/sft_qlora.yaml [--key value ...]
+sftmix-trl sft --config my.yaml                          (an installed package, no clone)
 """
 
-from __future__ import annotations
-
-from trl import SFTTrainer
-
-from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import check_prepared, has_multi_turn, load_datasets
-from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.runs import (
-    check_output_dir,
-    launch,
-    record_run,
-    resolve_resume,
-    run_config,
-    setup_logging,
-    train_save_publish,
-)
-
-
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelArguments) -> None:
-    setup_logging(training_args)
-    config = run_config(script_args, training_args, model_args)
-    resume = resolve_resume(training_args)
-    check_output_dir(training_args, config, resume, script_args.overwrite_output_dir)
-    train_dataset, eval_dataset = load_datasets(script_args)
-    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation markers
-    training_args.assistant_only_loss |= has_multi_turn(train_dataset, eval_dataset)
-    tokenizer = load_tokenizer(
-        model_args,
-        training_args.trust_remote_code,
-        training_args.chat_template_path,
-        training_args.assistant_only_loss,
-    )
-    model = load_model(model_args, training_args.trust_remote_code)
-
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args),
-    )
-    check_prepared(train_dataset, trainer.train_dataset, training_args.max_length)
-    record_run(training_args, config, "sft.py")
-    train_save_publish(trainer, tokenizer, script_args, training_args, model_args, push, "sft.py", resume)
-
+from sftmix_trl.recipes.sft import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
-    launch(main, (ScriptArguments, SFTConfig, ModelArguments))
+    run()

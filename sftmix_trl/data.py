@@ -64,25 +64,43 @@ def _is_local(path: str) -> bool:
     return os.path.exists(path) or path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
 
 
+def _encoding_error(path: Path, data: bytes, error: UnicodeDecodeError, line_number: int | None = None) -> DataError:
+    """One line naming the file, the line and byte offset, and the bytes that are not UTF-8."""
+    line_number = line_number or data.count(b"\n", 0, error.start) + 1
+    bad = data[error.start : error.end].hex(" ")
+    return DataError(
+        f"{path}, line {line_number} (byte {error.start}): not valid UTF-8 (byte(s) {bad}: {error.reason}); "
+        "save the file as UTF-8"
+    )
+
+
 def _read_json_records(path: Path) -> list[tuple[str, dict]]:
     """Records of a .json (array) or .jsonl file, each with a location string for error messages."""
+    data = path.read_bytes()  # decoded here, so that a byte that is not UTF-8 is reported with its line
     if path.suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
-                records.append((f"{path}, line {line_number}", record))
+        records, offset = [], 0
+        for line_number, raw in enumerate(data.splitlines(keepends=True), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                error.start, error.end = offset + error.start, offset + error.end  # offsets in the whole file
+                raise _encoding_error(path, data, error, line_number) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
+            records.append((f"{path}, line {line_number}", record))
         return records
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        if not text.strip():
-            return []  # an empty file: reported as an empty dataset, not as malformed JSON
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _encoding_error(path, data, error) from None
+    if not text.strip():
+        return []  # an empty file: reported as an empty dataset, not as malformed JSON
+    try:
         content = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
@@ -106,6 +124,28 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _dataset_records(dataset: Dataset, name: str) -> list[tuple[str, dict]]:
+    """The rows of a Parquet-backed dataset (a local file or the Hub), with a location each. Arrow stores text as
+    UTF-8 without always checking it: a row that does not decode is named, with its bytes, in one line."""
+    records = []
+    try:
+        for index, record in enumerate(dataset):
+            records.append((f"{name}, record {index}", record))
+    except UnicodeDecodeError as error:
+        bad = len(records)  # rows decode in batches: find the first one that fails
+        while bad < len(dataset) - 1:
+            try:
+                dataset[bad]
+            except UnicodeDecodeError:
+                break
+            bad += 1
+        bytes_ = error.object[error.start : error.end].hex(" ")
+        raise DataError(
+            f"{name}, record {bad}: a text field is not valid UTF-8 (byte(s) {bytes_}: {error.reason})"
+        ) from None
+    return records
+
+
 def read_source(source: DataSource) -> list[tuple[str, dict]]:
     """All records of a source, as (location, record) pairs."""
     if not _is_local(source.path):
@@ -113,12 +153,15 @@ def read_source(source: DataSource) -> list[tuple[str, dict]]:
             dataset = load_dataset(source.path, name=source.name, split=source.split)
         except Exception as error:  # offline, unknown id, gated: say which source failed
             raise DataError(f"could not load Hub dataset {source.path!r} (split {source.split!r}): {error}") from None
-        return [(f"{source.path}[{source.split}], record {i}", record) for i, record in enumerate(dataset)]
+        return _dataset_records(dataset, f"{source.path}[{source.split}]")
     records = []
     for path in _local_files(Path(os.path.expanduser(source.path))):
         if path.suffix == ".parquet":
-            dataset = Dataset.from_parquet(str(path))
-            records += [(f"{path}, record {i}", record) for i, record in enumerate(dataset)]
+            try:
+                dataset = Dataset.from_parquet(str(path))
+            except (UnicodeDecodeError, pa.ArrowException) as error:  # Parquet strings are UTF-8 by definition
+                raise DataError(f"{path}: cannot read this Parquet file ({type(error).__name__}: {error})") from None
+            records += _dataset_records(dataset, str(path))
         else:
             records += _read_json_records(path)
     return records
@@ -211,22 +254,6 @@ def has_multi_turn(*datasets: Dataset | None) -> bool:
     """Whether some example's completion spans several messages: then only the assistant replies in it may be
     trained, which needs TRL's `assistant_only_loss`."""
     return any(count_multi_turn(dataset) > 0 for dataset in datasets if dataset is not None)
-
-
-def check_prepared(dataset: Dataset, prepared: Dataset, max_length: int | None, what: str = "training") -> None:
-    """Count the examples TRL's preparation dropped because truncation to `max_length` left them no trained token
-    (a prompt, or the turns before the first assistant reply, filling `max_length`); stop if none is left."""
-    dropped = len(dataset) - len(prepared)
-    if dropped:
-        logger.warning(
-            "%s data: dropped %d of %d examples with no response token within max_length=%s",
-            what,
-            dropped,
-            len(dataset),
-            max_length,
-        )
-    if len(prepared) == 0:
-        raise DataError(f"no {what} example keeps a response token within max_length={max_length}: raise `max_length`")
 
 
 def load_source(source: DataSource, seed: int = 42, assistant_turns: str = "all") -> Dataset:

@@ -9,12 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
+import sys
+from enum import Enum
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+SFTMIX_CITATION = (
+    'SFTMix adds a confidence-aware Mixup regulariser to next-token prediction: Xiao et al., "SFTMix: Elevating '
+    'Language Model Instruction Tuning with Mixup Recipe", [arXiv:2410.05248](https://arxiv.org/abs/2410.05248).'
+)
 UPLOAD_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "README.md", "*.png"]
 
 
@@ -55,9 +62,13 @@ def write_model_card(
     hub_model_id: str | None = None,
 ) -> Path:
     """Write `README.md` for the adapter in `output_dir`: what it is, how it was trained, how to use it."""
+    from . import __version__
+
     repo = hub_model_id or Path(output_dir).name
     tags = ["trl", "peft", "lora", "qlora", "sft"] + (["sftmix"] if method == "SFTMix" else [])
-    settings_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
+    settings_rows = "\n".join(f"| `{k}` | `{_plain(v)}` |" for k, v in settings.items())
+    repository = repository_url()
+    package = f"[sftmix-trl]({repository}) {__version__}" if repository else f"sftmix-trl {__version__}"
     if _is_local_model(base_model):
         base = f"`{base_model}` (a local model)"
     else:
@@ -65,8 +76,8 @@ def write_model_card(
     body = f"""# {repo}
 
 A LoRA adapter for {base} fine-tuned with **{method}**
-using [sftmix-trl](https://github.com/sftmix-trl/sftmix-trl) on TRL's `SFTTrainer`.
-{"SFTMix (Xiao et al., arXiv 2410.05248) adds a confidence-aware Mixup regulariser to next-token prediction." if method == "SFTMix" else ""}
+using the Python package {package} on TRL's `SFTTrainer`.
+{SFTMIX_CITATION if method == "SFTMix" else ""}
 
 ## Training settings
 
@@ -79,6 +90,7 @@ using [sftmix-trl](https://github.com/sftmix-trl/sftmix-trl) on TRL's `SFTTraine
 ## Reproduce
 
 ```bash
+pip install "sftmix-trl=={__version__}"
 {redact(launch_line)}
 ```
 
@@ -143,13 +155,66 @@ def push_folder(
     return str(getattr(url, "url", url))
 
 
-def launch_line(recipe: str) -> str:
-    """The command that reproduces this run (the config path and overrides the user gave)."""
-    import sys
+def _plain(value):
+    """An enum setting as the value a user writes in the YAML (`cosine`, not `SchedulerType.COSINE`)."""
+    return value.value if isinstance(value, Enum) else value
 
-    num = os.environ.get("WORLD_SIZE", "1")
-    prefix = "accelerate launch" + (f" --num_processes {num}" if num != "1" else "")
-    return f"{prefix} recipes/{recipe} {' '.join(sys.argv[1:])}"
+
+def repository_url() -> str | None:
+    """The source repository to link from model cards: the installed package's `Repository` project URL
+    (`[project.urls]` in pyproject.toml), or None. A card never links a repository that is not configured."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("sftmix-trl").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("repository", "source") and url.strip():
+            return url.strip()
+    return None
+
+
+def _accelerate_launcher_args() -> list[str] | None:
+    """The arguments of the `accelerate launch` that started this process (its parent), or None.
+
+    `accelerate launch` passes neither its config file nor its command line to the processes it starts, so the
+    launcher's own command line is read from /proc (Linux); elsewhere the card falls back to this process's arguments.
+    """
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+    for i, arg in enumerate(argv):
+        if arg == "accelerate.commands.launch" or (
+            arg == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate"
+        ):
+            return argv[i + 1 :]
+    return None
+
+
+def launch_line(recipe: str) -> str:
+    """The exact command that started this run: the `accelerate launch` line with its options (config file,
+    processes, ranks) when accelerate launched it, else the command of this process."""
+    launcher = _accelerate_launcher_args()
+    if launcher is not None:
+        line = "accelerate launch " + shlex.join(launcher)
+        if "--config_file" not in launcher:
+            from accelerate.commands.config import default_config_file
+
+            if os.path.isfile(default_config_file):  # what accelerate read instead: a file of this machine only
+                line += f"  # accelerate config: {default_config_file}"
+        return line
+    program, command = Path(sys.argv[0]), Path(recipe).stem
+    if program.name == "sftmix-trl":  # `sftmix_trl.cli` took the command out of sys.argv
+        line = f"sftmix-trl {command}"
+    elif program.name == "cli.py" and program.parent.name == "sftmix_trl":
+        line = f"python -m sftmix_trl.cli {command}"
+    else:
+        line = f"python {shlex.quote(sys.argv[0]) if sys.argv[0] else f'recipes/{recipe}'}"
+    return f"{line} {shlex.join(sys.argv[1:])}".rstrip()
 
 
 def dataset_names(script_args) -> list[str]:
@@ -179,7 +244,7 @@ CARD_FIELDS = (
 
 
 def card_settings(training_args, model_args) -> dict:
-    settings = {name: getattr(training_args, name) for name in CARD_FIELDS if hasattr(training_args, name)}
+    settings = {name: _plain(getattr(training_args, name)) for name in CARD_FIELDS if hasattr(training_args, name)}
     settings["world_size"] = training_args.world_size
     settings.update(
         load_in_4bit=model_args.load_in_4bit,

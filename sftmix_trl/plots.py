@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
+
+
+def log_axis_ticks(low: float, high: float, max_ticks: int = 8) -> list[float]:
+    """Readable tick positions for a log axis over [low, high] (low > 0): powers of ten, else 1-2-5 or 1..9 steps
+    per decade, the first that gives 3 to `max_ticks` ticks; a range too narrow for any gets round linear steps."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+
+    def within(mantissas: tuple[int, ...]) -> list[float]:
+        return [m * 10.0**e for e in range(first, last + 1) for m in mantissas if low <= m * 10.0**e <= high]
+
+    powers = within((1,))
+    if len(powers) > max_ticks:  # many decades: every k-th power of ten
+        return powers[:: math.ceil(len(powers) / max_ticks)]
+    for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        ticks = within(mantissas)
+        if 3 <= len(ticks) <= max_ticks:
+            return ticks
+    from matplotlib.ticker import MaxNLocator
+
+    # Less than a decade: on so short a log axis, round linear steps look evenly spaced
+    values = MaxNLocator(nbins=min(max_ticks, 6), steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
+    return [float(v) for v in values if low <= v <= high]
 
 
 def plot_confidence(table, path: str | os.PathLike) -> None:
@@ -44,6 +67,15 @@ def plot_confidence(table, path: str | os.PathLike) -> None:
         mean_ppl[~is_confident], spread[~is_confident], s=10, color="tab:orange", alpha=0.6, label="unconfident"
     )
     right.set_xscale("log")
+    # matplotlib labels the minor ticks of a log axis spanning less than a decade, and they overlap: label only
+    # chosen values, printed as plain numbers
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    low, high = right.get_xlim()
+    right.xaxis.set_major_locator(FixedLocator(log_axis_ticks(low, high)))
+    right.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    right.xaxis.set_minor_locator(NullLocator())
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("mean response perplexity (log scale)")
     right.set_ylabel(f"std of perplexity across {table.perplexities.shape[1]} snapshots")
     right.set_title("Training dynamics map")

@@ -1,5 +1,8 @@
 """`SFTMixTrainer`: TRL's `SFTTrainer` with paired confident/unconfident batches and the Mixup regulariser.
 
+It builds on `NTPTrainer` (TRL's `SFTTrainer` resuming in the dtypes the run started with, shared with the NTP
+recipe).
+
 It overrides four hooks and leaves the rest to TRL:
 - `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k);
 - `_get_num_items_in_batch`: also counts the mixed positions of the accumulation window (and across processes), so
@@ -18,12 +21,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID, has_multi_turn
 from .mixup import count_mixed_positions, mixup_loss
+from .ntp_trainer import NTPTrainer
 from .sampler import PairedSampler
 from .sftmix_config import SFTMixConfig
 
@@ -45,7 +48,7 @@ class _KeepRowIndex:
         return batch
 
 
-class SFTMixTrainer(SFTTrainer):
+class SFTMixTrainer(NTPTrainer):
     _tag_names = ["trl", "sft", "sftmix"]
     _name = "SFTMix"
 
@@ -118,15 +121,6 @@ class SFTMixTrainer(SFTTrainer):
         self._num_mixed_in_batch = mixed
         return num_items
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # PEFT's `load_adapter` rebuilds the adapter in float32, while TRL trains a 4-bit base's adapter in bf16: put
-        # back the dtype the run started with, or the resumed run continues with other numerics than the original
-        for name, param in self.model.named_parameters():
-            if name in dtypes and param.dtype != dtypes[name]:
-                param.data = param.data.to(dtypes[name])
-
     # -- model ----------------------------------------------------------------------------------------------------------
 
     def _causal_lm(self, model):
@@ -193,18 +187,18 @@ class SFTMixTrainer(SFTTrainer):
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards the head: the loss reads it whole, like TRL's fused head
             weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
-        if not self._engine_logged:  # what wraps the model and what the loss sees of the head, once per run
-            self._engine_logged = True
-            logger.info(
-                "SFTMix training through %s on %d process(es); Mixup head weight %s",
-                type(model).__name__,
-                self.accelerator.num_processes,
-                tuple(weight.shape),
-            )
         lam = self._draw_lambdas(rows)
         grad = self.args.mixup_weight > 0 and torch.is_grad_enabled()
         # maybe_gather_lm_head_ctx: under ZeRO-3 the head's weight is a 0-size shard outside its own forward
         with torch.set_grad_enabled(grad), maybe_gather_lm_head_ctx(weight, bias):
+            if not self._engine_logged:  # what wraps the model and the head the loss uses (gathered), once per run
+                self._engine_logged = True
+                logger.info(
+                    "SFTMix training through %s on %d process(es); Mixup head weight %s",
+                    type(model).__name__,
+                    self.accelerator.num_processes,
+                    tuple(weight.shape),
+                )
             mix_sum = mixup_loss(
                 hidden[0::2],
                 hidden[1::2],

@@ -27,7 +27,8 @@ from sftmix_trl.confidence import (
     score_perplexities,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import EXAMPLE_ID, DataError, check_prepared, example_fingerprint, has_multi_turn, load_datasets
+from sftmix_trl.data import EXAMPLE_ID, DataError, example_fingerprint, has_multi_turn, load_datasets
+from sftmix_trl.data_checks import check_training_data
 from sftmix_trl.mixup import mixed_position_masks
 from sftmix_trl.model import ModelLoadError, load_model, load_tokenizer, lora_config
 from sftmix_trl.sampler import PairedSampler
@@ -204,11 +205,13 @@ def test_truncation_keeps_the_turns_that_fit_and_drops_conversations_left_withou
     prepared, tokenizer = prepare(tiny_model, dataset, tmp_path, max_length=cut)
     assert len(prepared) == 1  # the conversation whose first user turn fills max_length is dropped
     assert trained_text(tokenizer, prepared[0]) == [reply + "<|im_end|>\n" for _, reply in TURNS[:2]]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", assistant_only_loss=True, max_length=cut)
     with caplog.at_level(logging.WARNING, logger="sftmix_trl"):
-        check_prepared(dataset, prepared, cut)
-    assert f"dropped 1 of 2 examples with no response token within max_length={cut}" in caplog.text
-    with pytest.raises(DataError, match="no training example keeps a response token within max_length=8"):
-        check_prepared(dataset, prepared.select([]), 8)
+        check_training_data(dataset, tokenizer, args)
+    assert f"1 of 2 training examples lose their whole response to truncation at max_length={cut}" in caplog.text
+    args.max_length = 8
+    with pytest.raises(DataError, match="2 of the 2 training examples lose their whole response to truncation"):
+        check_training_data(dataset, tokenizer, args)
 
 
 # -- stage 1: perplexity over all assistant tokens, recorded and checked ---------------------------------------------------
@@ -385,7 +388,7 @@ def test_recipe_stops_with_one_line_when_truncation_leaves_no_reply(tiny_model, 
     monkeypatch.setattr(sys, "argv", ["sft.py", *argv])
     with pytest.raises(SystemExit) as stop:
         launch(module.main, (ScriptArguments, SFTConfig, ModelArguments))
-    assert (
-        str(stop.value) == "error: no training example keeps a response token within max_length=12: raise `max_length`"
-    )
-    assert not out.exists() or not any(out.iterdir())  # transformers' Trainer creates the folder, nothing in it
+    message = str(stop.value)
+    assert message.startswith("error: 2 of the 2 training examples lose their whole response to truncation at ")
+    assert "max_length=12" in message and "\n" not in message
+    assert not out.exists()  # checked before the trainer exists: not even an empty output_dir

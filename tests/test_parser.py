@@ -1,6 +1,5 @@
 """The strict YAML + command-line parser, and every shipped config parsed with its recipe's dataclasses."""
 
-import ast
 import importlib
 import json
 from pathlib import Path
@@ -108,26 +107,11 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
 
 
 def recipe_dataclasses(config_path: Path) -> tuple[type, ...]:
-    """The dataclasses of the recipe a config is named after (`sftmix_qlora.yaml` -> recipes/sftmix.py), read from
-    the recipe's `launch(main, (...))` call and its imports."""
+    """The dataclasses of the recipe a config is named after (`sftmix_qlora.yaml` -> recipes/sftmix.py, whose main
+    and `ARGUMENTS` live in `sftmix_trl.recipes.sftmix`)."""
     matches = [name for name in RECIPES if config_path.stem == name or config_path.stem.startswith(name + "_")]
     assert matches, f"{config_path}: name it after its recipe (<recipe>_*.yaml, one of {RECIPES})"
-    recipe = ROOT / "recipes" / f"{max(matches, key=len)}.py"
-    tree = ast.parse(recipe.read_text())
-    modules = {
-        alias.asname or alias.name: node.module
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom)
-        for alias in node.names
-    }
-    calls = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"
-    ]
-    assert len(calls) == 1, f"{recipe}: expected one launch(main, (...)) call"
-    names = [element.id for element in calls[0].args[1].elts]
-    return tuple(getattr(importlib.import_module(modules[name]), name) for name in names)
+    return importlib.import_module(f"sftmix_trl.recipes.{max(matches, key=len)}").ARGUMENTS
 
 
 def test_known_recipe_dataclasses():

@@ -164,6 +164,8 @@ class EvalArguments:
         for name in ("max_new_tokens", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise EvalError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:  # a scored token needs at least one token of context before it
+            raise EvalError(f"`max_length` must be >= 2 (a context token and a scored token), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"`limit` must be >= 1 (or unset), got {self.limit}")
         if self.perplexity_held_out < 0:

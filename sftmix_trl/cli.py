@@ -1,0 +1,42 @@
+"""`sftmix-trl`: the recipes for an installed package, without a clone of the repository.
+
+    sftmix-trl sft|confidence|sftmix|evaluate --config my.yaml [--key value ...]
+    accelerate launch -m sftmix_trl.cli sftmix --config my.yaml [--key value ...]
+
+Each command runs the same main as `recipes/<command>.py` in a clone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+RECIPES = {
+    "sft": "NTP baseline: QLoRA supervised fine-tuning with TRL's SFTTrainer",
+    "confidence": "SFTMix stage 1: the reference run and the confidence table",
+    "sftmix": "SFTMix: stage 1 (computed or reused), then training with the Mixup regulariser",
+    "evaluate": "evaluate a base model or base + adapter (IFEval, medical multiple choice, perplexity)",
+}
+USAGE = (
+    "usage: sftmix-trl {" + "|".join(RECIPES) + "} --config FILE.yaml [--key value ...]\n"
+    "       accelerate launch [accelerate options] -m sftmix_trl.cli COMMAND --config FILE.yaml [--key value ...]\n\n"
+    + "\n".join(f"  {name:<11} {text}" for name, text in RECIPES.items())
+    + "\n\n`sftmix-trl COMMAND --help` lists every field of that command."
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    command = argv[0]
+    if command not in RECIPES:
+        raise SystemExit(f"error: unknown command {command!r}; expected one of {', '.join(RECIPES)}\n\n{USAGE}")
+    recipe = importlib.import_module(f"sftmix_trl.recipes.{command}")
+    sys.argv = [sys.argv[0], *argv[1:]]  # the recipe parses its own arguments, as `recipes/<command>.py` does
+    recipe.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Checks of the training data as TRL will train on it, run before anything is written to `output_dir`.
+
+TRL prepares the data inside `SFTTrainer.__init__` (chat template, completion mask, truncation at `max_length`, and
+the silent drop of examples that truncation leaves without a response token); the SFTMix recipes write the
+confidence folder before that. So the recipes call `check_training_data` right after loading the data and the
+tokenizer: it runs TRL's own preparation on the data (no model needed) and turns every count that would fail later
+(no example left, too few for the confidence split, for the reference's snapshots or for a micro-batch of pairs) into
+one `DataError` line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+from datasets import Dataset
+from trl import SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.data_utils import _tokenize
+
+from .data import EXAMPLE_ID, DataError
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SFTTrainer, name: str = "train"):
+    """`dataset` exactly as `trainer_class(args=args, processing_class=tokenizer)` prepares it: TRL's own
+    `_prepare_dataset`, with the chat template and completion-only setting `SFTTrainer.__init__` would choose."""
+    preparer = trainer_class.__new__(trainer_class)  # the preparation reads only these three attributes
+    preparer._tokenizer = tokenizer
+    use_training_template = args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template)
+    preparer.chat_template = get_training_chat_template(tokenizer) if use_training_template else None
+    sample = dataset[0]
+    preparer.completion_only_loss = (
+        ("prompt" in sample and "completion" in sample)
+        if args.completion_only_loss is None
+        else args.completion_only_loss
+    )
+    args = copy.copy(args)
+    args.shuffle_dataset = False  # counts only; keep the rows in order
+    return preparer._prepare_dataset(dataset, tokenizer, args, args.packing, None, name)
+
+
+def _too_few(dataset: Dataset, prepared: Dataset, tokenizer, args, what: str, purpose: str, needed: int) -> DataError:
+    """The error for too few examples left with a response token: how many truncation emptied, what to change."""
+    kept = set(prepared[EXAMPLE_ID]) if EXAMPLE_ID in prepared.column_names else set()
+    lost = [example for example in dataset if example.get(EXAMPLE_ID) not in kept]
+    if not lost:
+        return DataError(f"{purpose} needs at least {needed} {what} examples, got {len(dataset)}")
+    hint = "Raise `max_length`"
+    if all("prompt" in example for example in lost):
+        # The prompt as TRL tokenises it (generation prompt included): a response token needs max_length above it
+        longest = max(len(_tokenize(tokenizer, e["prompt"], add_generation_prompt=True)["input_ids"]) for e in lost)
+        hint += f" above {longest} (the longest of their prompts, in tokens)"
+    return DataError(
+        f"{len(lost)} of the {len(dataset)} {what} examples lose their whole response to truncation at "
+        f"max_length={args.max_length} (truncation_mode={args.truncation_mode}), leaving {len(prepared)}; "
+        f"{purpose} needs at least {needed}. {hint} or shorten those prompts"
+    )
+
+
+def reference_steps(num_examples: int, training_args, confidence_config) -> int:
+    """Optimizer steps of the stage-1 reference run, as transformers' Trainer counts them (one epoch = the batches
+    of one process, each process holding ceil(batches / processes))."""
+    batches = math.ceil(num_examples / confidence_config.reference_batch_size)
+    per_process = math.ceil(batches / training_args.world_size)
+    accumulation = confidence_config.reference_gradient_accumulation_steps
+    per_epoch = max(per_process // accumulation + int(per_process % accumulation > 0), 1)
+    return math.ceil(confidence_config.reference_epochs * per_epoch)
+
+
+def check_training_data(
+    train_dataset: Dataset,
+    tokenizer,
+    training_args,
+    eval_dataset: Dataset | None = None,
+    confidence_config=None,
+    confidence_dir: str | None = None,
+    pairs_per_device: int | None = None,
+    trainer_class: type = SFTTrainer,
+    table_given: bool = False,
+) -> Dataset:
+    """Fail with one `DataError` line, before any write, when the data cannot train as configured.
+
+    Args:
+        train_dataset, eval_dataset: as loaded by `sftmix_trl.data.load_datasets`.
+        tokenizer: the tokenizer the trainer will use (chat template included).
+        training_args: the run's `SFTConfig`/`SFTMixConfig` (max_length, truncation_mode, loss settings).
+        confidence_config: the `ConfidenceConfig` of a run with a confidence stage: then at least 2 examples must
+            keep a response token, and the reference run needs at least `num_confidence_checkpoints` optimizer steps
+            (unless a finished table already lies in `confidence_dir`, or `table_given`: the run only reads one).
+        pairs_per_device: K of an SFTMix run: each half of the split needs at least K examples.
+        trainer_class: the trainer that will prepare the data.
+
+    Returns:
+        the prepared training set (for logging and tests; the trainer prepares its own copy).
+    """
+    from .confidence import TABLE_FILE, split_confidence
+
+    needed = 2 if confidence_config is not None else 1
+    prepared = prepare_like_trl(train_dataset, tokenizer, training_args, trainer_class)
+    if len(prepared) < needed:
+        purpose = "training" if confidence_config is None else "the confidence split"
+        raise _too_few(train_dataset, prepared, tokenizer, training_args, "training", purpose, needed)
+    if len(prepared) < len(train_dataset):
+        logger.warning(
+            "%d of %d training examples lose their whole response to truncation at max_length=%s and are not trained "
+            "on",
+            len(train_dataset) - len(prepared),
+            len(train_dataset),
+            training_args.max_length,
+        )
+    if eval_dataset is not None:
+        prepared_eval = prepare_like_trl(eval_dataset, tokenizer, training_args, trainer_class, "eval")
+        if len(prepared_eval) == 0:
+            raise _too_few(eval_dataset, prepared_eval, tokenizer, training_args, "held-out", "evaluation", 1)
+
+    n = len(prepared)
+    has_table = table_given or (confidence_dir is not None and (Path(confidence_dir) / TABLE_FILE).is_file())
+    if confidence_config is not None and not has_table:
+        steps = reference_steps(n, training_args, confidence_config)
+        if steps < confidence_config.num_confidence_checkpoints:
+            raise DataError(
+                f"the confidence reference run has {steps} optimizer step(s) on {n} examples, fewer than "
+                f"num_confidence_checkpoints={confidence_config.num_confidence_checkpoints}; add data, or lower "
+                "`reference_batch_size` or `num_confidence_checkpoints`"
+            )
+    if pairs_per_device is not None:
+        ids = [str(i) for i in range(n)]  # the split's sizes depend only on the count
+        confident, unconfident = split_confidence(ids, [0.0] * n, confidence_config.confident_fraction)
+        smaller = min(len(confident), len(unconfident))
+        if smaller < pairs_per_device:
+            raise DataError(
+                f"the confidence split of {n} trainable examples gives {len(confident)} confident and "
+                f"{len(unconfident)} unconfident, fewer than the {pairs_per_device} pairs of a micro-batch; lower "
+                "`per_device_train_batch_size` or add data"
+            )
+    return prepared
+
+
+def check_sftmix_data(
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    tokenizer,
+    model_args,
+    training_args,
+    confidence_config,
+    confidence_dir: str | None,
+    trainer_class: type | None = None,
+    table_given: bool = False,
+) -> None:
+    """`check_training_data` for the SFTMix recipes.
+
+    Stage 1 is checked with the reference's tokenizer (it prepares the data the reference scores); with
+    `trainer_class` (the SFTMix recipe), stage 2 is checked with `tokenizer` too: the held-out set and the pairs of a
+    micro-batch. `table_given`: the run reads an existing table (`confidence_table`) and trains no reference.
+    """
+    from .model import load_tokenizer
+
+    reference = confidence_config.reference_model_name_or_path
+    own_reference = bool(reference) and reference != model_args.model_name_or_path
+    if trainer_class is None or own_reference:  # stage 1 alone, or stage 1 with the reference's own tokenizer
+        reference_tokenizer = tokenizer
+        if own_reference:
+            reference_args = dataclasses.replace(model_args, model_name_or_path=reference)
+            reference_tokenizer = load_tokenizer(
+                reference_args,
+                training_args.trust_remote_code,
+                training_args.chat_template_path,
+                training_args.assistant_only_loss,
+            )
+        check_training_data(
+            train_dataset,
+            reference_tokenizer,
+            training_args,
+            None,
+            confidence_config,
+            confidence_dir,
+            table_given=table_given,
+        )
+    if trainer_class is not None:  # stage 2 (and stage 1 when both stages tokenise alike)
+        check_training_data(
+            train_dataset,
+            tokenizer,
+            training_args,
+            eval_dataset,
+            confidence_config,
+            confidence_dir,
+            pairs_per_device=training_args.pairs_per_device,
+            trainer_class=trainer_class,
+            table_given=table_given,
+        )

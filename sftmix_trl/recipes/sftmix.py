@@ -1,0 +1,100 @@
+"""SFTMix: stage 1 (confidence table, computed or reused) then stage 2 (QLoRA training with the Mixup regulariser).
+
+accelerate launch recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml [--key value ...]
+sftmix-trl sftmix --config my.yaml                       (an installed package, no clone)
+"""
+
+from __future__ import annotations
+
+from ..confidence import ConfidenceConfig, compute_confidence
+from ..configs import ModelArguments, ScriptArguments
+from ..data import has_multi_turn, load_datasets
+from ..data_checks import check_sftmix_data
+from ..model import load_model, load_tokenizer, lora_config
+from ..model_card import sftmix_card_sections
+from ..runs import (
+    check_output_dir,
+    launch,
+    record_run,
+    resolve_resume,
+    run_config,
+    setup_logging,
+    train_save_publish,
+)
+from ..sftmix_config import SFTMixConfig
+from ..sftmix_trainer import SFTMixTrainer
+
+ARGUMENTS = (ScriptArguments, SFTMixConfig, ModelArguments)
+
+
+def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: ModelArguments) -> None:
+    setup_logging(training_args)
+    config = run_config(script_args, training_args, model_args)
+    resume = resolve_resume(training_args)
+    check_output_dir(
+        training_args, config, resume, script_args.overwrite_output_dir, keep=training_args.confidence_dir
+    )
+    train_dataset, eval_dataset = load_datasets(script_args)
+    confidence_config = ConfidenceConfig.from_args(training_args)
+    table_dir = training_args.confidence_table or training_args.confidence_dir
+    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation
+    # markers
+    training_args.assistant_only_loss |= has_multi_turn(train_dataset, eval_dataset)
+    tokenizer = load_tokenizer(
+        model_args,
+        training_args.trust_remote_code,
+        training_args.chat_template_path,
+        training_args.assistant_only_loss,
+    )
+    check_sftmix_data(
+        train_dataset,
+        eval_dataset,
+        tokenizer,
+        model_args,
+        training_args,
+        confidence_config,
+        table_dir,
+        SFTMixTrainer,
+        table_given=training_args.confidence_table is not None,
+    )
+    table = compute_confidence(
+        train_dataset,
+        model_args,
+        training_args,
+        confidence_config,
+        table_dir,
+        must_exist=training_args.confidence_table is not None,
+    )
+    model = load_model(model_args, training_args.trust_remote_code)
+
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
+    trainer = SFTMixTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        confidence=table,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+    )
+    record_run(training_args, config, "sftmix.py")
+    train_save_publish(
+        trainer,
+        tokenizer,
+        script_args,
+        training_args,
+        model_args,
+        push,
+        "sftmix.py",
+        resume,
+        method="SFTMix",
+        card_sections=lambda history: sftmix_card_sections(table, history, training_args),
+    )
+
+
+def run() -> None:
+    launch(main, ARGUMENTS)
+
+
+if __name__ == "__main__":
+    run()
