@@ -107,13 +107,24 @@ def load_adapter_state(model: torch.nn.Module, weights: dict[str, torch.Tensor])
 
 
 def save_adapter_snapshot(model: torch.nn.Module, directory: str | os.PathLike, is_main_process: bool) -> int:
-    """Save the active adapter in PEFT format (safetensors) into `directory`, gathered from every process and written
-    by the main one. Call it on every process. Returns the number of tensors written (never 0)."""
+    """Save the active adapter in PEFT's format (`adapter_model.safetensors` + `adapter_config.json`) into
+    `directory`, gathered from every process and written by the main one. Call it on every process. Returns the number
+    of tensors written (never 0).
+
+    The file is written here rather than by `PeftModel.save_pretrained`, which picks the adapter's entries by module
+    names, and FSDP1 puts its wrapper's name into those."""
+    from safetensors.torch import save_file
+
     state = gather_adapter_state(model)
     if not state:
         raise ValueError("the model has no adapter parameters to save")
     if is_main_process:
-        _peft_model(model).save_pretrained(directory, state_dict=state, safe_serialization=True)
+        inner = _peft_model(model)
+        checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key
+        tensors = {checkpoint_key(name, inner.active_adapter): value.contiguous() for name, value in state.items()}
+        os.makedirs(directory, exist_ok=True)
+        inner.peft_config[inner.active_adapter].save_pretrained(directory)
+        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     return len(state)
 
 
