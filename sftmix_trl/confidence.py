@@ -190,13 +190,21 @@ def dataset_fingerprint(example_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(example_ids)).encode()).hexdigest()[:24]
 
 
-# What makes a table apply to a training run at all; the reference settings only matter when recomputing
-DATA_KEYS = ("dataset_fingerprint", "num_examples", "tokenizer", "chat_template_sha256", "max_length")
+# What makes a table apply to a training run at all (the data, and which tokens are scored: the labelling settings);
+# the reference settings only matter when recomputing
+LABEL_KEYS = ("truncation_mode", "completion_only_loss", "assistant_only_loss")
+DATA_KEYS = ("dataset_fingerprint", "num_examples", "tokenizer", "chat_template_sha256", "max_length", *LABEL_KEYS)
 
 
 def check_metadata(expected: dict, found: dict, where: str | os.PathLike, keys: tuple[str, ...] | None = None) -> None:
     """Refuse a table (or a half-finished run) computed from other data or settings; say what differs."""
     keys = sorted(set(expected) | set(found)) if keys is None else keys
+    unrecorded = [k for k in LABEL_KEYS if k in keys and k in expected and k not in found]
+    if unrecorded:  # a table from before these settings were recorded: which tokens it scored is unknown
+        raise ConfidenceError(
+            f"the confidence table in {where} does not record {', '.join(unrecorded)} (an older sftmix-trl wrote "
+            "it): delete that folder to recompute it, or set `confidence_dir` to another folder."
+        )
     diffs = [
         f"{k}: expected {expected.get(k)!r}, found {found.get(k)!r}" for k in keys if expected.get(k) != found.get(k)
     ]
@@ -458,6 +466,7 @@ def expected_metadata(train_dataset: Dataset, model_args, training_args, config:
         "tokenizer": f"{tokenizer.name_or_path} (vocab {len(tokenizer)})",
         "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest()[:16],
         "max_length": training_args.max_length,
+        **{k: getattr(training_args, k, None) for k in LABEL_KEYS},
         "load_in_4bit": model_args.load_in_4bit,
         "lora": f"r={model_args.lora_r} alpha={model_args.lora_alpha} targets={model_args.lora_target_modules}",
         "seed": training_args.seed,
@@ -521,6 +530,15 @@ def compute_confidence(
         table = ConfidenceTable.load(directory)
         # A table named explicitly (must_exist) only has to fit the data; the run's own folder must fit everything
         check_metadata(expected, table.metadata["run"], directory, DATA_KEYS if must_exist else None)
+        if table.confident_fraction != config.confident_fraction:  # only the cut depends on it: this run's applies
+            logger.info(
+                "splitting the confidence table at this run's confident_fraction=%s (it was computed with %s)",
+                config.confident_fraction,
+                table.confident_fraction,
+            )
+            table.confident_fraction = config.confident_fraction
+            confident, unconfident = table.split()
+            table.metadata = {**table.metadata, "num_confident": len(confident), "num_unconfident": len(unconfident)}
         logger.info("reusing the confidence table in %s", directory)
         return table
     if must_exist:
