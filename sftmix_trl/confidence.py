@@ -420,7 +420,7 @@ def _scoring_model(trainer):
     forward), prepared here the way `Trainer.evaluate` does when no training ran in this process (all snapshots were
     found); without DDP, which only synchronises gradients."""
     model = trainer.model_wrapped
-    if model is trainer.model and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+    if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and not trainer.accelerator._models:
         if trainer.is_deepspeed_enabled and trainer.deepspeed is None:
             from transformers.integrations.deepspeed import deepspeed_init
 

@@ -185,6 +185,28 @@ def test_stage1_through_a_sharding_engine_equals_one_process(tiny_model, tmp_pat
             assert split_confidence(ids, -np.asarray(found["perplexities"])) == split_confidence(ids, -one)
 
 
+def test_scoring_goes_through_a_sharding_wrapper_prepared_once_and_not_through_ddp():
+    from types import SimpleNamespace
+
+    import torch
+
+    from sftmix_trl.confidence import _scoring_model
+
+    bare, sharded = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    prepared = []
+    accelerator = SimpleNamespace(_models=[], prepare=lambda model: prepared.append(model) or sharded)
+    trainer = SimpleNamespace(
+        model=bare, model_wrapped=bare, is_fsdp_enabled=True, is_deepspeed_enabled=False, accelerator=accelerator
+    )
+    assert _scoring_model(trainer) is sharded and prepared == [bare]  # no training ran: wrapped as evaluate does
+    assert trainer.model is trainer.model_wrapped is sharded
+    accelerator._models.append(sharded)  # after training, FSDP's trainer.model is the wrapper: not wrapped again
+    assert _scoring_model(trainer) is sharded and prepared == [bare]
+    ddp = SimpleNamespace(model=bare, model_wrapped=torch.nn.DataParallel(bare), is_fsdp_enabled=False)
+    ddp.is_deepspeed_enabled, ddp.accelerator = False, SimpleNamespace(_models=[ddp.model_wrapped])
+    assert _scoring_model(ddp) is bare  # DDP and DataParallel only synchronise gradients
+
+
 def test_an_empty_snapshot_is_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
