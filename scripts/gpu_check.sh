@@ -19,6 +19,7 @@ NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 [ "$NGPU" -ge 1 ] || { echo "no CUDA device visible"; exit 1; }
 MODEL=${MODEL:-$($BIN/sftmix-trl-demo-model)}
 OUT=outputs/gpu_check
+rm -rf "$OUT"  # a stage-1 table left by an earlier run would be reused, not recomputed
 SMALL=(--model_name_or_path "$MODEL" --max_train_examples 64 --eval_split_size 0 --eval_strategy no
        --max_steps 6 --save_strategy no --logging_steps 1 --overwrite_output_dir true)
 HAVE_DEEPSPEED=$($PY -c "import deepspeed" 2>/dev/null && echo 1 || echo 0)
