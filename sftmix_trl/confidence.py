@@ -36,12 +36,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object
 from datasets import Dataset
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .data import EXAMPLE_ID, has_multi_turn
+from .sharded import load_adapter_state, save_adapter_snapshot, scoring_module
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +190,18 @@ def dataset_fingerprint(example_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(example_ids)).encode()).hexdigest()[:24]
 
 
-# What makes a table apply to a training run at all; the reference settings only matter when recomputing
-DATA_KEYS = ("dataset_fingerprint", "num_examples", "tokenizer", "chat_template_sha256", "max_length", "scored_turns")
+# What makes a table apply to a training run at all (the data, and which tokens are scored: the labelling settings
+# and the assistant turns); the reference settings only matter when recomputing
+LABEL_KEYS = ("truncation_mode", "completion_only_loss", "assistant_only_loss")
+DATA_KEYS = (
+    "dataset_fingerprint",
+    "num_examples",
+    "tokenizer",
+    "chat_template_sha256",
+    "max_length",
+    "scored_turns",
+    *LABEL_KEYS,
+)
 # Tables written before multi-turn conversations trained every assistant turn scored each example's last turn
 METADATA_DEFAULTS = {"scored_turns": "last"}
 
@@ -197,6 +209,12 @@ METADATA_DEFAULTS = {"scored_turns": "last"}
 def check_metadata(expected: dict, found: dict, where: str | os.PathLike, keys: tuple[str, ...] | None = None) -> None:
     """Refuse a table (or a half-finished run) computed from other data or settings; say what differs."""
     keys = sorted(set(expected) | set(found)) if keys is None else keys
+    unrecorded = [k for k in LABEL_KEYS if k in keys and k in expected and k not in found]
+    if unrecorded:  # a table from before these settings were recorded: which tokens it scored is unknown
+        raise ConfidenceError(
+            f"the confidence table in {where} does not record {', '.join(unrecorded)} (an older sftmix-trl wrote "
+            "it): delete that folder to recompute it, or set `confidence_dir` to another folder."
+        )
     diffs = [
         f"{k}: expected {expected.get(k)!r}, found {found.get(k)!r}" for k in keys if expected.get(k) != found.get(k)
     ]
@@ -251,23 +269,42 @@ def _response_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label) at each response-predicting position (B, T-1), zero elsewhere, and that mask.
 
-    The LM head runs on the response positions only, in chunks: prompts and padding cost no vocabulary projection,
-    and the full (B, T, V) logits never exist.
+    One forward of `model` itself, so that a sharding wrapper (FSDP, DeepSpeed) gathers the parameters and casts as
+    it does in training. A hook on the backbone takes the final hidden states and runs the LM head on the response
+    positions only, in chunks, inside that forward (while the wrapper holds the head whole): prompts and padding cost
+    no vocabulary projection, and the full (B, T, V) logits never exist (the model's own head sees 1 position).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    inner = extract_model_from_parallel(model)
+    causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     targets = labels[:, 1:]
     mask = targets != -100  # (B, T-1)
-    selected, wanted = hidden[mask], targets[mask]  # (M, D), (M,)
-    head = causal_lm.get_output_embeddings()
-    chunks = []
-    for start in range(0, len(wanted), chunk_size):
-        logits = head(selected[start : start + chunk_size])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        chunks.append(logits.log_softmax(-1).gather(1, wanted[start : start + chunk_size, None]).squeeze(1))
-    log_probs = torch.zeros(mask.shape, dtype=torch.float64, device=hidden.device)
-    log_probs[mask] = torch.cat(chunks).double() if chunks else log_probs.new_zeros(0)
-    return log_probs, mask
+    found = {}
+
+    def score(module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        selected, wanted = hidden[:, :-1][mask], targets[mask]  # (M, D), (M,)
+        head = causal_lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # a head FSDP2 keeps sharded inside the forward: read it whole
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        chunks = []
+        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: the head is a 0-size shard outside its own forward
+            for start in range(0, len(wanted), chunk_size):
+                logits = torch.nn.functional.linear(selected[start : start + chunk_size], weight, bias)
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                chunks.append(logits.log_softmax(-1).gather(1, wanted[start : start + chunk_size, None]).squeeze(1))
+        log_probs = torch.zeros(mask.shape, dtype=torch.float64, device=hidden.device)
+        log_probs[mask] = torch.cat(chunks).double() if chunks else log_probs.new_zeros(0)
+        found["log_probs"] = log_probs
+
+    handle = causal_lm.base_model.register_forward_hook(score)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return found["log_probs"], mask
 
 
 @torch.no_grad()
@@ -277,17 +314,24 @@ def score_perplexities(
     """Response perplexity of every row of a prepared dataset (`input_ids`, `labels`), sharded over all processes.
 
     Batches are grouped by length and dealt round-robin to the processes; the results are gathered so that every
-    process returns all N perplexities (float64) and response-token counts, each row scored exactly once.
+    process returns all N perplexities (float64) and response-token counts, each row scored exactly once. `model` may
+    be a sharding wrapper (FSDP, DeepSpeed): every process then runs the same number of forwards, those short of
+    batches scoring a dummy one whose result is dropped, so that the wrapper's collectives line up.
     """
     state = PartialState()
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    batches = length_grouped_batches(lengths, batch_size)[state.process_index :: state.num_processes]
+    every_batch = length_grouped_batches(lengths, batch_size)
+    batches = every_batch[state.process_index :: state.num_processes]
+    num_forwards = math.ceil(len(every_batch) / state.num_processes)
+    dummy = [every_batch[-1][0]] if every_batch else []  # the shortest row: padding forwards, never counted
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
     stats, results = ScoringStats(), []
     start = time.perf_counter()
-    for rows in tqdm(batches, desc=desc, disable=not state.is_local_main_process):
+    for index in tqdm(range(num_forwards), desc=desc, disable=not state.is_local_main_process):
+        real = index < len(batches)
+        rows = batches[index] if real else dummy
         examples = dataset.select(rows)
         width = max(lengths[i] for i in rows)
         input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -302,6 +346,8 @@ def score_perplexities(
         log_probs, mask = _response_log_probs(
             model, input_ids.to(device), attention_mask.to(device), labels.to(device)
         )
+        if not real:
+            continue
         counts = mask.sum(1)
         mean_nll = -(log_probs.sum(1) / counts.clamp(min=1))
         results += list(zip(rows, torch.exp(mean_nll).tolist(), counts.tolist()))
@@ -339,24 +385,61 @@ def snapshot_steps(total_steps: int, num_checkpoints: int) -> list[int]:
 
 
 class _SnapshotCallback(TrainerCallback):
-    """Saves the reference adapter (weights only) at the snapshot steps."""
+    """Saves the reference adapter (weights only) at the snapshot steps: gathered from every process through the
+    trainer's wrapped model (FSDP and ZeRO-3 hold only shards), written by the main process."""
 
     def __init__(self, directory: Path, num_checkpoints: int):
         self.directory, self.num_checkpoints, self.steps = directory, num_checkpoints, []
+        self.trainer = None  # set once the trainer exists
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.steps = snapshot_steps(state.max_steps, self.num_checkpoints)
         if state.is_world_process_zero:
             _atomic_write(self.directory / "steps.json", json.dumps(self.steps))
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step in self.steps and state.is_world_process_zero:
-            target = self.directory / f"step-{state.global_step}"
-            staging = target.with_name(target.name + ".tmp")
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step not in self.steps:
+            return
+        target = self.directory / f"step-{state.global_step}"
+        staging = target.with_name(target.name + ".tmp")
+        if state.is_world_process_zero:
             shutil.rmtree(staging, ignore_errors=True)
-            model.save_pretrained(staging)
+        save_adapter_snapshot(self.trainer.model_wrapped, staging, state.is_world_process_zero)  # on every process
+        if state.is_world_process_zero:
+            _check_snapshot(staging)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
+
+
+def _check_snapshot(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights of a snapshot; an empty one (an ungathered shard saved) is refused, never scored."""
+    from safetensors.torch import load_file
+
+    path = directory / "adapter_model.safetensors"
+    weights = load_file(path) if path.is_file() else {}
+    if not weights or any(t.numel() == 0 for t in weights.values()):
+        raise ConfidenceError(
+            f"the reference snapshot {path} is missing, empty or holds 0-size tensors; delete "
+            f"{directory.parent.parent} and recompute"
+        )
+    return weights
+
+
+def _scoring_model(trainer):
+    """The model to score through: the trainer's wrapped model (FSDP and DeepSpeed gather the parameters in its
+    forward), prepared here the way `Trainer.evaluate` does when no training ran in this process (all snapshots were
+    found); without DDP, which only synchronises gradients."""
+    model = trainer.model_wrapped
+    if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and not trainer.accelerator._models:
+        if trainer.is_deepspeed_enabled and trainer.deepspeed is None:
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(trainer, num_training_steps=0, inference=True)
+        model = trainer.accelerator.prepare(model)
+        if trainer.is_fsdp_enabled:
+            trainer.model = model
+        trainer.model_wrapped = model
+    return scoring_module(model)
 
 
 def _reference_args(training_args, config: ConfidenceConfig, output_dir: Path):
@@ -404,6 +487,7 @@ def expected_metadata(train_dataset: Dataset, model_args, training_args, config:
         "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest()[:16],
         "max_length": training_args.max_length,
         "scored_turns": "all" if scores_all_turns(train_dataset, training_args) else "last",
+        **{k: getattr(training_args, k, None) for k in LABEL_KEYS},
         "load_in_4bit": model_args.load_in_4bit,
         "lora": f"r={model_args.lora_r} alpha={model_args.lora_alpha} targets={model_args.lora_target_modules}",
         "seed": training_args.seed,
@@ -474,6 +558,15 @@ def compute_confidence(
         # A table named explicitly (must_exist) only has to fit the data; the run's own folder must fit everything
         found = {**METADATA_DEFAULTS, **table.metadata["run"]}
         check_metadata(expected, found, directory, DATA_KEYS if must_exist else None)
+        if table.confident_fraction != config.confident_fraction:  # only the cut depends on it: this run's applies
+            logger.info(
+                "splitting the confidence table at this run's confident_fraction=%s (it was computed with %s)",
+                config.confident_fraction,
+                table.confident_fraction,
+            )
+            table.confident_fraction = config.confident_fraction
+            confident, unconfident = table.split()
+            table.metadata = {**table.metadata, "num_confident": len(confident), "num_unconfident": len(unconfident)}
         logger.info("reusing the confidence table in %s", directory)
         return table
     if must_exist:
@@ -496,6 +589,7 @@ def compute_confidence(
         peft_config=lora_config(reference_args),
         callbacks=[snapshots],
     )
+    snapshots.trainer = trainer
     prepared = trainer.train_dataset
     if len(prepared) < 2:
         raise ConfidenceError(
@@ -512,10 +606,7 @@ def compute_confidence(
         steps = snapshots.steps
     state.wait_for_everyone()
 
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    model = _scoring_model(trainer)
     columns, scoring = [], []
     for c, step in enumerate(steps, start=1):
         scores_path = directory / "scores" / f"step-{step}.parquet"
@@ -523,10 +614,13 @@ def compute_confidence(
             logger.info("snapshot %d/%d (step %d): scores found, skipped", c, len(steps), step)
             columns.append(np.asarray(pq.read_table(scores_path)["perplexity"].to_numpy(), dtype=np.float64))
             continue
-        weights = load_file(directory / "snapshots" / f"step-{step}" / "adapter_model.safetensors")
-        set_peft_model_state_dict(peft_model, weights)
+        weights = _check_snapshot(directory / "snapshots" / f"step-{step}")
+        try:
+            load_adapter_state(model, weights)  # on every process: a collective under FSDP and ZeRO-3
+        except ValueError as error:
+            raise ConfidenceError(f"snapshot step {step} in {directory}: {error}; delete that folder") from None
         ppl, counts, stats = score_perplexities(
-            peft_model,
+            model,
             prepared,
             config.scoring_batch_size,
             tokenizer.pad_token_id,
@@ -593,5 +687,6 @@ def compute_confidence(
             len(excluded),
         )
     state.wait_for_everyone()
-    del trainer, model, peft_model
+    snapshots.trainer = None
+    del trainer, model
     return table

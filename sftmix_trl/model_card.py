@@ -32,7 +32,7 @@ def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[
             "ntp_loss_confident",
             "ntp_loss_unconfident",
             "mixup_lambda",
-            "mixed_token_fraction",
+            "mixup_token_share",
             "eval_loss",
             "train_runtime",
         )

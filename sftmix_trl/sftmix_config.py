@@ -9,6 +9,25 @@ from .confidence import ConfidenceConfig
 from .configs import SFTConfig
 
 
+def unsupported_parallelism(tp_size: int, cp_size: int, sp_size: int, n_gpu: int) -> str | None:
+    """Why SFTMix cannot train with these sizes, or None. Tensor, context and sequence parallelism and DataParallel
+    make transformers divide `num_items_in_batch` (the NTP normaliser) by the ranks or GPUs sharing a batch, while the
+    Mixup term is normalised by the mixed positions of whole sequences: the two terms would be weighted wrongly."""
+    shared = [
+        f"{name} parallelism (size {size})"
+        for name, size in (("tensor", tp_size), ("context", cp_size), ("sequence", sp_size))
+        if size > 1
+    ]
+    if n_gpu > 1:
+        shared.append(f"DataParallel over {n_gpu} GPUs of one process")
+    if not shared:
+        return None
+    return (
+        f"SFTMix does not support {', '.join(shared)}: launch one process per GPU with `accelerate launch` "
+        "(DDP, FSDP or DeepSpeed ZeRO)"
+    )
+
+
 @dataclass
 class SFTMixConfig(SFTConfig, ConfidenceConfig):
     """Configuration of `SFTMixTrainer`. The loss is `L = L_ntp + mixup_weight * L_mix`.
@@ -65,6 +84,16 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
             raise ValueError(f"`mixup_chunk_size` must be >= 1, got {self.mixup_chunk_size}")
         self.validate_confidence()
         super().__post_init__()
+        pc = self.parallelism_config  # else what an accelerate config puts in the environment
+        sizes = [
+            getattr(pc, f"{dim}_size", 1)
+            if pc is not None
+            else int(os.environ.get(f"PARALLELISM_CONFIG_{dim.upper()}_SIZE", 1))
+            for dim in ("tp", "cp", "sp")
+        ]
+        problem = unsupported_parallelism(*sizes, self.n_gpu)  # before stage 1 runs; the trainer checks again
+        if problem:
+            raise ValueError(problem)
         if self.confidence_dir is None:
             self.confidence_dir = os.path.join(self.output_dir, "confidence")
 

@@ -9,7 +9,9 @@ It overrides four hooks and leaves the rest to TRL:
   the Mixup term is normalised over the global batch exactly like TRL normalises the NTP loss;
 - `compute_loss`: TRL's own NTP loss from one forward of the wrapped model, plus `mixup_weight * mixup_loss` on the
   final hidden states captured from that same forward by a hook on the backbone;
-- `log`/metrics: NTP and Mixup parts, mean lambda, NTP loss of each half.
+- `log`/metrics: NTP and Mixup parts, mean lambda, NTP loss of each half, and `mixup_token_share`: the share of the
+  response tokens that enter the Mixup term (each mixed position takes one token of each sequence of its pair, so
+  2 x mixed positions / response tokens; 1 when every pair's responses have equal lengths).
 Evaluation is TRL's plain NTP loss.
 """
 
@@ -28,7 +30,7 @@ from .data import EXAMPLE_ID, has_multi_turn
 from .mixup import count_mixed_positions, mixup_loss
 from .ntp_trainer import NTPTrainer
 from .sampler import PairedSampler
-from .sftmix_config import SFTMixConfig
+from .sftmix_config import SFTMixConfig, unsupported_parallelism
 
 logger = logging.getLogger(__name__)
 ROW = "sftmix_row"  # dataset row index carried through the collator, for lambda seeding and error messages
@@ -69,6 +71,7 @@ class SFTMixTrainer(NTPTrainer):
             raise ValueError("multi-turn conversations in train_dataset need `assistant_only_loss=True`")
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self._check_lm_head()
+        self._check_parallelism()
 
         row_ids = list(self.train_dataset[EXAMPLE_ID])
         confident_ids, unconfident_ids = confidence.split()
@@ -136,9 +139,21 @@ class SFTMixTrainer(NTPTrainer):
                 "from lora_target_modules"
             )
         config = causal_lm.config.get_text_config()
-        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"):
+        # Every scaling TRL's fused head applies (trl.trainer.utils.add_fused_lm_head)
+        for name in (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "logits_scaling",
+            "lm_head_multiplier",
+        ):
             if getattr(config, name, None) not in (None, 1, 1.0):
                 raise ValueError(f"{type(causal_lm).__name__} scales its logits ({name}); the Mixup loss does not")
+
+    def _check_parallelism(self) -> None:
+        problem = unsupported_parallelism(self.get_tp_size(), self.get_cp_size(), self.get_sp_size(), self.args.n_gpu)
+        if problem:
+            raise ValueError(problem)
 
     @contextmanager
     def _capture_forward(self, model):
@@ -148,6 +163,11 @@ class SFTMixTrainer(NTPTrainer):
         top, causal_lm = self._causal_lm(model)
 
         def keep_hidden(module, args, output):
+            # With label smoothing or a compute_loss_func, TRL's loss forward is followed by a no-grad forward for its
+            # metrics: the Mixup term must use the first one, or it has no gradient
+            if captured.get("grad") and not torch.is_grad_enabled():
+                return
+            captured["grad"] = torch.is_grad_enabled()
             captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
         def keep_outputs(module, args, kwargs, output):
@@ -257,5 +277,5 @@ class SFTMixTrainer(NTPTrainer):
         metrics["ntp_loss_confident"].append(total[2] / max(total[3], 1))
         metrics["ntp_loss_unconfident"].append(total[4] / max(total[5], 1))
         metrics["mixup_loss"].append(total[6] / max(total[7], 1))
-        metrics["mixed_token_fraction"].append(total[7] / max(total[1], 1))
+        metrics["mixup_token_share"].append(2 * total[7] / max(total[1], 1))  # each mixed position takes 2 tokens
         metrics["mixup_lambda"].append(total[8] / max(total[9], 1))

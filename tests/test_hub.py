@@ -324,7 +324,7 @@ def test_sftmix_card_sections(tmp_path):
     assert "| mixup_lambda | 0.4 |" in figures  # last logged, even if not in the final entry
     assert "| eval_loss | 2.4 |" in figures
     assert "| train_runtime | 12.5 |" in figures
-    assert "ntp_loss_unconfident" not in figures and "mixed_token_fraction" not in figures  # never logged
+    assert "ntp_loss_unconfident" not in figures and "mixup_token_share" not in figures  # never logged
     assert "| 2.5 |" not in figures
 
 

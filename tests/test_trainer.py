@@ -117,7 +117,7 @@ def test_logged_loss_is_ntp_plus_weighted_mixup_and_halves_are_reported(tiny_mod
     assert len(logs) == 4
     for log in logs:
         assert log["loss"] == pytest.approx(log["ntp_loss"] + 0.2 * log["mixup_loss"], rel=1e-4)
-        assert 0 <= log["mixup_lambda"] <= 1 and 0 < log["mixed_token_fraction"] <= 1
+        assert 0 <= log["mixup_lambda"] <= 1 and 0 < log["mixup_token_share"] <= 1
         assert log["ntp_loss_confident"] > 0 and log["ntp_loss_unconfident"] > 0
 
 

@@ -1,0 +1,136 @@
+"""The LoRA adapter's weights, read whole and written back, whatever engine holds the model.
+
+Stage 1 saves the reference adapter at its snapshots and loads each snapshot back for scoring. A sharding engine
+keeps only a slice of each parameter on a process (FSDP1 flattens them into `FlatParameter`s, FSDP2 turns them into
+`DTensor`s, DeepSpeed ZeRO-3 leaves 0-size placeholders), so `save_pretrained` on the inner model writes empty
+tensors, and `set_peft_model_state_dict` cannot load into a placeholder. The functions here gather the adapter's
+parameters first, on every process (they are collectives: every process must call them, in the same order), and are
+plain copies for a model on one process or under DDP.
+
+`model` is the outermost model a trainer trains (`trainer.model_wrapped`): a DDP, FSDP1 or DeepSpeed wrapper, an
+FSDP2 module, or the bare `PeftModel`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _clean(name: str) -> str:
+    """A parameter name as the bare `PeftModel` spells it (FSDP1 and activation checkpointing add wrapper names)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _peft_model(model: torch.nn.Module):
+    inner = extract_model_from_parallel(model)
+    if not hasattr(inner, "active_adapter") or not hasattr(inner, "base_model"):
+        raise TypeError(f"expected a PEFT model (a LoRA adapter on a base), got {type(inner).__name__}")
+    return inner
+
+
+@contextmanager
+def _adapter_parameters(model: torch.nn.Module, modify: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """{name: parameter} of the active adapter, full-size inside the block (FSDP2's stay `DTensor`s); with `modify`,
+    what is written into them reaches every process's shard on exit. A collective."""
+    inner = _peft_model(model)
+    adapter = inner.active_adapter
+    checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key  # PEFT's own model key -> file key map
+
+    def adapter_named_parameters() -> dict[str, torch.Tensor]:
+        named = ((_clean(n), p) for n, p in inner.named_parameters())
+        return {n: p for n, p in named if checkpoint_key(n, adapter) != n}  # adapter weights carry its name
+
+    if any(isinstance(m, torch.distributed.fsdp.FullyShardedDataParallel) for m in model.modules()):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # With use_orig_params=False the original parameters exist only inside this block
+        with FullyShardedDataParallel.summon_full_params(model, writeback=modify), torch.no_grad():
+            yield adapter_named_parameters()
+        return
+    params = adapter_named_parameters()
+    if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3: gathered, then partitioned again
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0 if modify else None):
+            with torch.no_grad():
+                yield params
+        return
+    with torch.no_grad():
+        yield params
+
+
+def gather_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the active adapter's parameters, keyed like `PeftModel.state_dict()`, on every process."""
+    state = {}
+    with _adapter_parameters(model, modify=False) as params:
+        for name in sorted(params):  # one order on every process: FSDP2's `full_tensor` is a collective
+            param = params[name]
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            state[name] = full.detach().to("cpu", copy=True)
+    return state
+
+
+def load_adapter_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Write an adapter checkpoint (keys as in `adapter_model.safetensors`) into the model's parameters, whatever
+    shards them. Every adapter parameter must be in `weights` and every tensor of `weights` must be used."""
+    with _adapter_parameters(model, modify=True) as params:
+        inner = _peft_model(model)
+        checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key
+        keys = {name: checkpoint_key(name, inner.active_adapter) for name in params}
+        missing = sorted(k for k in keys.values() if k not in weights)
+        unused = sorted(set(weights) - set(keys.values()))
+        if missing or unused:
+            raise ValueError(
+                f"the adapter checkpoint does not fit the model: missing {missing[:3]}, unused {unused[:3]}"
+            )
+        for name in sorted(params):
+            param, value = params[name], weights[keys[name]]
+            if isinstance(param, DTensor):  # every process holds the whole value: each keeps its own shard
+                value = distribute_tensor(
+                    value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+                )
+                param.copy_(value)
+            else:
+                if tuple(param.shape) != tuple(value.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)}, model {tuple(param.shape)}")
+                param.data.copy_(value.to(param.device, param.dtype))
+
+
+def save_adapter_snapshot(model: torch.nn.Module, directory: str | os.PathLike, is_main_process: bool) -> int:
+    """Save the active adapter in PEFT's format (`adapter_model.safetensors` + `adapter_config.json`) into
+    `directory`, gathered from every process and written by the main one. Call it on every process. Returns the number
+    of tensors written (never 0).
+
+    The file is written here rather than by `PeftModel.save_pretrained`, which picks the adapter's entries by module
+    names, and FSDP1 puts its wrapper's name into those."""
+    from safetensors.torch import save_file
+
+    state = gather_adapter_state(model)
+    if not state:
+        raise ValueError("the model has no adapter parameters to save")
+    if is_main_process:
+        inner = _peft_model(model)
+        checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key
+        tensors = {checkpoint_key(name, inner.active_adapter): value.contiguous() for name, value in state.items()}
+        os.makedirs(directory, exist_ok=True)
+        inner.peft_config[inner.active_adapter].save_pretrained(directory)
+        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return len(state)
+
+
+def scoring_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to run an inference forward through: sharding wrappers stay (they gather the parameters), DDP and
+    DataParallel go (they only synchronise gradients, and DDP would broadcast buffers at every forward)."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return model.module
+    return model
