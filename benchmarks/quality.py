@@ -82,8 +82,8 @@ def write_splits(data_dir: Path, work: Path, n_train: int, n_held_out: int) -> d
 
 
 def training_config(cls, args, seed: int, output_dir: Path, **extra):
-    """The settings both methods share; SFTMix adds its own through `extra`."""
-    return cls(
+    """The settings both methods share; SFTMix adds its own through `extra` (which may also override these)."""
+    values = dict(
         output_dir=str(output_dir),
         seed=seed,
         num_train_epochs=args.epochs,
@@ -98,8 +98,8 @@ def training_config(cls, args, seed: int, output_dir: Path, **extra):
         save_strategy="no",
         report_to="none",
         dataloader_pin_memory=False,
-        **extra,
     )
+    return cls(**(values | extra))
 
 
 def train(method: str, seed: int, args, model_args, dataset, table, run_dir: Path) -> dict:
