@@ -87,7 +87,7 @@ def epoch_curves(log_history: list[dict], eval_names: tuple[str, ...] = HELD_OUT
 
     `eval_<name>_loss` per held-out set (one evaluation per epoch); the training metrics logged every step are
     averaged over the steps of each epoch: `train_ntp_loss` (SFTTrainer's `loss`, or SFTMix's `ntp_loss` without the
-    Mixup term) and, where logged, SFTMix's per-half NTP losses and `mixed_token_fraction`.
+    Mixup term) and, where logged, SFTMix's per-half NTP losses and `mixup_token_share`.
     """
     steps: dict[str, dict[int, list[float]]] = {}
     evals: dict[str, dict[int, float]] = {name: {} for name in eval_names}
@@ -95,7 +95,7 @@ def epoch_curves(log_history: list[dict], eval_names: tuple[str, ...] = HELD_OUT
         "train_ntp_loss": ("ntp_loss", "loss"),
         "ntp_loss_confident": ("ntp_loss_confident",),
         "ntp_loss_unconfident": ("ntp_loss_unconfident",),
-        "mixed_token_fraction": ("mixed_token_fraction",),
+        "mixup_token_share": ("mixup_token_share",),
         "mixup_loss": ("mixup_loss",),
     }
     for entry in log_history:
@@ -432,7 +432,7 @@ def report(args, agg: dict, runs: list[dict], stage1: dict, device: str) -> str:
         ("train_ntp_loss", "training NTP loss (logged per step, averaged over the epoch; train mode)"),
         ("ntp_loss_confident", "SFTMix: NTP loss of the confident half"),
         ("ntp_loss_unconfident", "SFTMix: NTP loss of the unconfident half"),
-        ("mixed_token_fraction", "SFTMix: mixed_token_fraction (mixed positions / response tokens, at most 0.5)"),
+        ("mixup_token_share", "SFTMix: mixup_token_share (share of response tokens in the Mixup, 2M / total)"),
     ):
         present = [v for v in variants if curve in agg[v]["curves"]]
         if not present:
@@ -480,7 +480,7 @@ def plot(agg: dict, path: Path) -> None:
         ("eval_alpaca_loss", "held-out loss, Alpaca (other domain)"),
         ("train_ntp_loss", "training NTP loss (per-epoch mean)"),
         ("halves", "SFTMix NTP loss by half\n(solid confident, dashed unconfident)"),
-        ("mixed_token_fraction", "SFTMix mixed_token_fraction\n(pairs depend on the seed, not on mu)"),
+        ("mixup_token_share", "SFTMix mixup_token_share\n(pairs depend on the seed, not on mu)"),
     )
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     axes = axes.ravel()

@@ -113,7 +113,7 @@ def test_a_run_records_per_epoch_curves_and_the_final_spread(tiny_setup, tmp_pat
     for name in ("eval_medical_loss", "eval_alpaca_loss", "train_ntp_loss"):
         assert len(curves[name]) == 2 and all(math.isfinite(x) for x in curves[name])
     assert curves["eval_medical_loss"] == curves["eval_alpaca_loss"]  # same held-out rows under both names
-    assert ("mixed_token_fraction" in curves) == (variant != "NTP")
+    assert ("mixup_token_share" in curves) == (variant != "NTP")
     assert ("ntp_loss_confident" in curves) == (variant != "NTP")
     scores = summary["train_scores"]
     assert scores["ppl_std"] > 0 and scores["log_ppl_std"] > 0
