@@ -1,7 +1,10 @@
 """`SFTMixTrainer`: TRL's `SFTTrainer` with paired confident/unconfident batches and the Mixup regulariser.
 
 It overrides four hooks and leaves the rest to TRL:
-- `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k);
+- `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k), length-aware with
+  `train_sampling_strategy: group_by_length`;
+- `get_train_dataloader`: with `tokens_per_micro_batch`, micro-batches of whole pairs up to a token budget
+  (`_get_train_batch_sampler`, a `TokenBudgetBatchSampler`);
 - `_get_num_items_in_batch`: also counts the mixed positions of the accumulation window (and across processes), so
   the Mixup term is normalised over the global batch exactly like TRL normalises the NTP loss;
 - `compute_loss`: TRL's own NTP loss from one forward of the wrapped model, plus `mixup_weight * mixup_loss` on the
@@ -13,18 +16,23 @@ Evaluation is TRL's plain NTP loss.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+from transformers.trainer_utils import seed_worker
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID
 from .mixup import count_mixed_positions, mixup_loss
-from .sampler import PairedSampler
+from .sampler import PairedSampler, TokenBudgetBatchSampler
 from .sftmix_config import SFTMixConfig
 
 logger = logging.getLogger(__name__)
@@ -86,6 +94,7 @@ class SFTMixTrainer(SFTTrainer):
         self.data_collator = _KeepRowIndex(self.data_collator)
         self._num_mixed_in_batch = None
         self._engine_logged = False
+        self._paired_sampler = None  # the training sampler, once built; `_run_epoch` sets its epoch
         logger.info(
             "SFTMix split: %d confident, %d unconfident training examples",
             len(self.confident_rows),
@@ -99,13 +108,77 @@ class SFTMixTrainer(SFTTrainer):
         if ROW not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ROW]
 
-    def _get_train_sampler(self, train_dataset=None):
-        return PairedSampler(
+    def _row_lengths(self) -> tuple[list[int], list[int]]:
+        """Per training row: its token count and its trained (label != -100) token count, read once from Arrow."""
+        if getattr(self, "_lengths", None) is None:
+            lengths, responses = [], []
+            for table in self.train_dataset.select_columns(["input_ids", "labels"]).with_format("arrow").iter(8192):
+                lengths += pc.list_value_length(table["input_ids"]).to_pylist()
+                labels = table["labels"].combine_chunks()
+                trained = np.asarray(pc.list_flatten(labels)) != -100
+                parents = np.asarray(pc.list_parent_indices(labels))
+                responses += np.bincount(parents, weights=trained, minlength=len(labels)).astype(int).tolist()
+            self._lengths = (lengths, responses)
+        return self._lengths
+
+    def _get_train_sampler(self, train_dataset=None, pairs_per_global_batch=None, mega_batch_factor=50):
+        length_aware = self.args.train_sampling_strategy == "group_by_length"
+        lengths, responses = self._row_lengths() if length_aware else (None, None)
+        self._paired_sampler = PairedSampler(
             self.confident_rows,
             self.unconfident_rows,
-            pairs_per_global_batch=self.args.pairs_per_device * self.args.world_size,
+            pairs_per_global_batch=pairs_per_global_batch or self.args.pairs_per_device * self.args.world_size,
             seed=self.args.seed,
+            lengths=lengths,
+            response_lengths=responses,
+            mega_batch_factor=mega_batch_factor,
         )
+        return self._paired_sampler
+
+    def _get_train_batch_sampler(self) -> TokenBudgetBatchSampler:
+        """Micro-batches of whole pairs up to `tokens_per_micro_batch`, planned for the run's epochs."""
+        lengths, _ = self._row_lengths()
+        budget, processes = self.args.tokens_per_micro_batch, self.args.world_size
+        # Nothing here depends on the number of processes but the rounding of the micro-batch count: one pair per
+        # "global batch" (no rounding of pairs), mega-batches of about 50 micro-batches of pairs of mean length
+        pairs_per_micro_batch = max(1, budget // max(1, round(2 * float(np.mean(lengths)))))
+        pairs = self._get_train_sampler(pairs_per_global_batch=1, mega_batch_factor=50 * pairs_per_micro_batch)
+        batch_sampler = TokenBudgetBatchSampler(
+            pairs, lengths, budget, padded=not self.args.padding_free, num_processes=processes
+        )
+        epochs = math.ceil(self.args.num_train_epochs)
+        if self.args.max_steps > 0:  # epochs needed at the shortest epoch length; a longer planned epoch needs fewer
+            steps_per_epoch = math.ceil(len(batch_sampler) // processes / self.args.gradient_accumulation_steps)
+            epochs = math.ceil(self.args.max_steps / steps_per_epoch)
+        batch_sampler.plan(epochs)
+        return batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.tokens_per_micro_batch is None:
+            return super().get_train_dataloader()
+        if self.accelerator.split_batches:
+            raise ValueError("`tokens_per_micro_batch` hands whole micro-batches to processes: turn off split_batches")
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=self._get_train_batch_sampler(),
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        # accelerate wraps the batch sampler in `BatchSamplerShard`: rank r gets micro-batches r, r + P, ...
+        return self.accelerator.prepare(loader)
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # A resumed multi-process run wraps the sampler in SkipBatchSampler(BatchSamplerShard(...)), which accelerate's
+        # and the Trainer's `set_epoch` do not reach: the sampler would replay epoch 0's pairs. Set it here.
+        if getattr(self, "_paired_sampler", None) is not None:
+            self._paired_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         num_items = super()._get_num_items_in_batch(batch_samples, device)
