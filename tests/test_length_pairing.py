@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from conftest import run_recipe
+from safetensors.torch import load_file
 from test_sampler import SIZES, batches_of, chunks, is_balanced, rows, shard_batches
 from test_trainer import NUM_EXAMPLES, RecordingTrainer, adapter_weights, build, make_args
 from torch.utils.data import DataLoader
@@ -386,6 +387,10 @@ def test_token_budget_two_processes_match_one_process_with_twice_the_accumulatio
     logs_one = [h for h in log_history(one) if "ntp_loss" in h]
     logs_two = [h for h in log_history(two) if "ntp_loss" in h]
     assert len(logs_one) == len(logs_two) == 3
+    # the loss and gradient of each optimizer step (per-micro-batch metrics like ntp_loss average differently)
     for a, b in zip(logs_one, logs_two):
-        for key in ("loss", "ntp_loss", "mixup_loss", "mixed_token_fraction", "mixup_lambda"):
+        for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-3), key
+    expected, got = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].float(), tensor.float(), rtol=2e-3, atol=1e-5)
