@@ -5,11 +5,10 @@ accelerate launch recipes/sft.py --config configs/demo/sft_qlora.yaml [--key val
 
 from __future__ import annotations
 
-from trl import SFTTrainer
-
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
+from sftmix_trl.padding_free import TruncatingSFTTrainer
 from sftmix_trl.runs import (
     check_output_dir,
     launch,
@@ -31,7 +30,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
-    trainer = SFTTrainer(
+    trainer = TruncatingSFTTrainer(  # TRL's SFTTrainer; with padding_free, truncated to max_length as when padded
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -435,9 +435,8 @@ def compute_confidence(
         confidence_dir: folder of the artifact (see the module docstring).
         must_exist: only load (and check) a finished table; never train a reference.
     """
-    from trl import SFTTrainer
-
     from .model import load_model, load_tokenizer, lora_config
+    from .padding_free import TruncatingSFTTrainer
     from .plots import plot_confidence
 
     state = PartialState()
@@ -466,7 +465,7 @@ def compute_confidence(
 
     model = load_model(reference_args, training_args.trust_remote_code)
     snapshots = _SnapshotCallback(directory / "snapshots", config.num_confidence_checkpoints)
-    trainer = SFTTrainer(
+    trainer = TruncatingSFTTrainer(  # SFTTrainer; with padding_free, truncated to max_length as the padded path is
         model=model,
         args=_reference_args(training_args, config, directory),
         train_dataset=train_dataset,

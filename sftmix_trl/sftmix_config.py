@@ -59,9 +59,12 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
     )
 
     def __post_init__(self):
-        # SFTMix needs one example per row, in the sampler's order, and the example ids kept
-        if self.packing or self.padding_free:
-            raise ValueError("SFTMix pairs whole examples: `packing` and `padding_free` must stay off")
+        # SFTMix pairs whole examples in the sampler's order: packing cuts and merges them across rows, while
+        # padding_free only lays a micro-batch's examples end to end (the trainer finds them again)
+        if self.packing:
+            raise ValueError(
+                "SFTMix pairs whole examples: `packing` cuts and merges them; use `padding_free: true` instead"
+            )
         if self.shuffle_dataset:
             raise ValueError("`shuffle_dataset` must stay off: the paired sampler orders the examples")
         if self.mixup_alpha <= 0:

@@ -10,7 +10,9 @@ It overrides four hooks and leaves the rest to TRL:
 - `compute_loss`: TRL's own NTP loss from one forward of the wrapped model, plus `mixup_weight * mixup_loss` on the
   final hidden states captured from that same forward by a hook on the backbone;
 - `log`/metrics: NTP and Mixup parts, mean lambda, NTP loss of each half.
-Evaluation is TRL's plain NTP loss.
+Evaluation is TRL's plain NTP loss. With `padding_free`, a micro-batch is one row of examples laid end to end; the
+Mixup term, its count and the per-half metrics first put each example back on its own right-padded row, so they are
+those of the padded path.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers.trainer_utils import seed_worker
-from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID
-from .mixup import count_mixed_positions, mixup_loss
+from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss
+from .padding_free import TruncatingSFTTrainer, sequence_lengths, unflatten
 from .sampler import PairedSampler, TokenBudgetBatchSampler
 from .sftmix_config import SFTMixConfig
 
@@ -53,7 +55,7 @@ class _KeepRowIndex:
         return batch
 
 
-class SFTMixTrainer(SFTTrainer):
+class SFTMixTrainer(TruncatingSFTTrainer):
     _tag_names = ["trl", "sft", "sftmix"]
     _name = "SFTMix"
 
@@ -180,9 +182,18 @@ class SFTMixTrainer(SFTTrainer):
             self._paired_sampler.set_epoch(epoch)
         return super()._run_epoch(model, epoch, *args, **kwargs)
 
+    def _example_lengths(self, batch, num_examples: int) -> torch.Tensor | None:
+        """(2K,) lengths of the examples of a padding-free micro-batch; None when it has one row per example."""
+        return sequence_lengths(batch["position_ids"], num_examples) if self.padding_free else None
+
+    def _paired_labels(self, batch) -> torch.Tensor:
+        """(2K, T) labels, one row per example, whichever way the collator laid the micro-batch out."""
+        lengths = self._example_lengths(batch, len(batch[ROW]))
+        return batch["labels"] if lengths is None else unflatten(batch["labels"], lengths, IGNORE_INDEX)
+
     def _get_num_items_in_batch(self, batch_samples, device):
         num_items = super()._get_num_items_in_batch(batch_samples, device)
-        mixed = sum(count_mixed_positions(batch["labels"]) for batch in batch_samples).to(device)
+        mixed = sum(count_mixed_positions(self._paired_labels(batch)) for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             mixed = self.accelerator.gather(mixed).sum()
         self._num_mixed_in_batch = mixed
@@ -257,7 +268,10 @@ class SFTMixTrainer(SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self._capture_forward(model) as captured:
             ntp_loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T)
+        hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T); padding-free (1, N, D), (1, N)
+        lengths = self._example_lengths(inputs, len(rows))
+        if lengths is not None:  # one right-padded row per example again: the pairs and positions of the padded path
+            hidden, labels = unflatten(hidden, lengths), unflatten(labels, lengths, IGNORE_INDEX)
         _, causal_lm = self._causal_lm(model)
         head = causal_lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
@@ -295,7 +309,7 @@ class SFTMixTrainer(SFTTrainer):
             mix = mix * self.accelerator.num_processes
         loss = ntp_loss + self.args.mixup_weight * mix if self.args.mixup_weight > 0 else ntp_loss
         self._stop_if_not_finite(loss, rows)
-        self._record_metrics(captured["outputs"], mix_sum.detach(), local_mixed, lam)
+        self._record_metrics(captured["outputs"], mix_sum.detach(), local_mixed, lam, lengths)
         return loss
 
     def _stop_if_not_finite(self, loss: torch.Tensor, rows: torch.Tensor) -> None:
@@ -309,10 +323,13 @@ class SFTMixTrainer(SFTTrainer):
             f"written. Example ids of this process's batch: {ids}. Try a lower learning_rate or max_grad_norm."
         )
 
-    def _record_metrics(self, outputs, mix_sum, mixed, lam) -> None:
+    def _record_metrics(self, outputs, mix_sum, mixed, lam, lengths=None) -> None:
         gather = self.accelerator.gather_for_metrics
-        nll = -outputs.log_probs.detach()  # (2K, T-1), zero outside the response
+        nll = -outputs.log_probs.detach()  # (2K, T-1), zero outside the response; padding-free (1, N-1)
         mask = outputs.label_mask
+        if lengths is not None:  # position t predicts token t + 1: one slot appended lines each example up again
+            nll = unflatten(torch.cat([nll, nll.new_zeros(1, 1)], 1), lengths)  # (2K, T)
+            mask = unflatten(torch.cat([mask, mask.new_zeros(1, 1)], 1), lengths, False)
         sums = torch.stack(
             [
                 nll.sum(),
