@@ -324,6 +324,22 @@ def test_trainer_fills_micro_batches_to_the_token_budget(tiny_model, demo, tmp_p
     assert len(logs) == 4 and all(np.isfinite(h["loss"]) and h["mixed_token_fraction"] > 0 for h in logs)
 
 
+def test_padding_free_micro_batches_fill_the_token_budget(tiny_model, demo, tmp_path):
+    args = make_args(
+        tmp_path, padding_free=True, tokens_per_micro_batch=600, train_sampling_strategy="group_by_length", max_steps=3
+    )
+    trainer = build(tiny_model, demo, args, trainer_cls=ShapeRecordingTrainer)
+    lengths, _ = trainer._row_lengths()
+    trainer.train()
+    for batch, shape in zip(trainer.seen_rows, trainer.shapes):
+        assert shape[0] == 1 and shape[1] == sum(lengths[r] for r in batch)  # one row, no padding
+        assert shape[1] <= 600 or len(batch) == 2
+        assert [r in trainer.confident_rows for r in batch] == [True, False] * (len(batch) // 2)
+    assert max(len(batch) for batch in trainer.seen_rows) > 4  # more than a fixed batch of 4 would hold
+    logs = [h for h in trainer.state.log_history if "mixup_loss" in h]
+    assert len(logs) == 3 and all(np.isfinite(h["loss"]) and h["mixed_token_fraction"] > 0 for h in logs)
+
+
 def test_token_budget_resume_in_a_later_epoch_replays_the_same_batches(tiny_model, demo, tmp_path):
     common = dict(tokens_per_micro_batch=300, train_sampling_strategy="group_by_length", max_steps=9)
     full = build(tiny_model, demo, make_args(tmp_path / "full", **common), trainer_cls=RecordingTrainer)
