@@ -110,13 +110,13 @@ def build_model(name: str, device: str, work: Path):
 
     if name == "demo":
         return ModelArguments(model_name_or_path=str(prepare_demo_model()), load_in_4bit=True)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     path = work / "llama-3.1-8b-shape"
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file():  # built once (about 20 s to save its 16 GB), reused by every variant
         torch.manual_seed(0)
         with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B_SHAPE)).to(torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_8B_SHAPE), dtype=torch.bfloat16)
         model.save_pretrained(path)
         del model
         gc.collect()
