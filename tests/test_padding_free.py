@@ -144,6 +144,8 @@ def test_padding_free_sftmix_gives_the_padded_loss_gradients_and_metrics(tiny_mo
         torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     for key in ("ntp_loss", "ntp_loss_confident", "ntp_loss_unconfident", "mixup_loss", "mixed_token_fraction"):
         assert flat._metrics["train"][key][-1] == pytest.approx(padded._metrics["train"][key][-1], rel=1e-5), key
+    held_out = dataset.select(range(6))  # evaluation: TRL's plain NTP loss, on flattened rows too
+    assert flat.evaluate(held_out)["eval_loss"] == pytest.approx(padded.evaluate(held_out)["eval_loss"], rel=1e-5)
 
 
 def test_zero_mixup_weight_padding_free_equals_trl_padding_free(tiny_model, dataset, tmp_path):
