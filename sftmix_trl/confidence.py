@@ -532,9 +532,8 @@ def compute_confidence(
         confidence_dir: folder of the artifact (see the module docstring).
         must_exist: only load (and check) a finished table; never train a reference.
     """
-    from trl import SFTTrainer
-
     from .model import load_model, load_tokenizer, lora_config
+    from .padding_free import TruncatingSFTTrainer
     from .plots import plot_confidence
 
     state = PartialState()
@@ -581,7 +580,7 @@ def compute_confidence(
     snapshots = _SnapshotCallback(directory / "snapshots", config.num_confidence_checkpoints)
     reference_training_args = _reference_args(training_args, config, directory)
     reference_training_args.assistant_only_loss = all_turns
-    trainer = SFTTrainer(
+    trainer = TruncatingSFTTrainer(  # SFTTrainer; with padding_free, truncated to max_length as the padded path is
         model=model,
         args=reference_training_args,
         train_dataset=train_dataset,

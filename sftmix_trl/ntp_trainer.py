@@ -1,4 +1,5 @@
-"""`NTPTrainer`: TRL's `SFTTrainer` that resumes from a checkpoint with the numerics it started with.
+"""`NTPTrainer`: TRL's `SFTTrainer` that resumes from a checkpoint with the numerics it started with, and keeps
+`max_length` with `padding_free` (`TruncatingSFTTrainer`).
 
 Both recipes train through it (`recipes/sft.py` directly, `SFTMixTrainer` as its subclass), so a resumed run is
 the same computation as an uninterrupted one in both.
@@ -6,10 +7,10 @@ the same computation as an uninterrupted one in both.
 
 from __future__ import annotations
 
-from trl import SFTTrainer
+from .padding_free import TruncatingSFTTrainer
 
 
-class NTPTrainer(SFTTrainer):
+class NTPTrainer(TruncatingSFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
         super()._load_from_checkpoint(resume_from_checkpoint, model)

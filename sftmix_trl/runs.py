@@ -104,14 +104,18 @@ def launch(main, dataclass_types: tuple[type, ...]) -> None:
     from .data import DataError
     from .evaluation.errors import EvalError
     from .model import ModelLoadError, quantization_config
+    from .padding_free import PaddingFreeError, check_attention
 
     parsed = parse_args(dataclass_types)
+    padding_free = any(getattr(args, "padding_free", False) for args in parsed)
     try:
-        for args in parsed:  # quantisation settings that would only fail at model loading fail before any write
+        for args in parsed:  # settings that would only fail at model loading or training fail before any write
             if isinstance(args, ModelArguments):
                 quantization_config(args)
+                if padding_free:
+                    check_attention(args.attn_implementation)
         main(*parsed)
-    except (DataError, ModelLoadError, ConfidenceError, hub.PublishError, EvalError) as error:
+    except (DataError, ModelLoadError, ConfidenceError, PaddingFreeError, hub.PublishError, EvalError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -32,7 +32,9 @@ def unsupported_parallelism(tp_size: int, cp_size: int, sp_size: int, n_gpu: int
 class SFTMixConfig(SFTConfig, ConfidenceConfig):
     """Configuration of `SFTMixTrainer`. The loss is `L = L_ntp + mixup_weight * L_mix`.
 
-    `per_device_train_batch_size` is 2K: K confident and K unconfident sequences, forming K pairs.
+    `per_device_train_batch_size` is 2K: K confident and K unconfident sequences, forming K pairs (unless
+    `tokens_per_micro_batch` sets a token budget instead). `train_sampling_strategy: group_by_length` pairs examples of
+    similar response lengths inside length-sorted mega-batches (more mixed positions per pair, less padding).
     """
 
     mixup_alpha: float = field(
@@ -52,6 +54,16 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
         default=256,
         metadata={"help": "Mixed positions whose float32 logits exist at once in the Mixup loss (memory knob)."},
     )
+    tokens_per_micro_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fill each micro-batch with whole pairs up to this many computed tokens (padded: rows x longest "
+            "row; padding-free: the sum of the lengths) instead of per_device_train_batch_size / 2 pairs; a pair "
+            "over the budget gets a micro-batch of its own. Combine with train_sampling_strategy: group_by_length "
+            "so that neighbours in the packing are alike. P processes with gradient_accumulation_steps G train on "
+            "the batches of one process with P x G. None: fixed-size micro-batches."
+        },
+    )
     confidence_table: str | None = field(
         default=None,
         metadata={
@@ -66,9 +78,12 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
     )
 
     def __post_init__(self):
-        # SFTMix needs one example per row, in the sampler's order, and the example ids kept
-        if self.packing or self.padding_free:
-            raise ValueError("SFTMix pairs whole examples: `packing` and `padding_free` must stay off")
+        # SFTMix pairs whole examples in the sampler's order: packing cuts and merges them across rows, while
+        # padding_free only lays a micro-batch's examples end to end (the trainer finds them again)
+        if self.packing:
+            raise ValueError(
+                "SFTMix pairs whole examples: `packing` cuts and merges them; use `padding_free: true` instead"
+            )
         if self.shuffle_dataset:
             raise ValueError("`shuffle_dataset` must stay off: the paired sampler orders the examples")
         if self.mixup_alpha <= 0:
@@ -80,6 +95,14 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
                 "`per_device_train_batch_size` must be even (K confident + K unconfident examples), got "
                 f"{self.per_device_train_batch_size}"
             )
+        # `group_by_length` is honoured by the paired sampler (length-aware pairing); other samplers would break pairs
+        if self.train_sampling_strategy not in ("random", "group_by_length"):
+            raise ValueError(
+                "SFTMix orders the examples with its paired sampler: `train_sampling_strategy` must be 'random' or "
+                f"'group_by_length' (length-aware pairing), got '{self.train_sampling_strategy}'"
+            )
+        if self.tokens_per_micro_batch is not None and self.tokens_per_micro_batch < 1:
+            raise ValueError(f"`tokens_per_micro_batch` must be >= 1, got {self.tokens_per_micro_batch}")
         if self.mixup_chunk_size < 1:
             raise ValueError(f"`mixup_chunk_size` must be >= 1, got {self.mixup_chunk_size}")
         self.validate_confidence()

@@ -4,7 +4,10 @@ It builds on `NTPTrainer` (TRL's `SFTTrainer` resuming in the dtypes the run sta
 recipe).
 
 It overrides four hooks and leaves the rest to TRL:
-- `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k);
+- `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k), length-aware with
+  `train_sampling_strategy: group_by_length`;
+- `get_train_dataloader`: with `tokens_per_micro_batch`, micro-batches of whole pairs up to a token budget
+  (`_get_train_batch_sampler`, a `TokenBudgetBatchSampler`);
 - `_get_num_items_in_batch`: also counts the mixed positions of the accumulation window (and across processes), so
   the Mixup term is normalised over the global batch exactly like TRL normalises the NTP loss;
 - `compute_loss`: TRL's own NTP loss from one forward of the wrapped model, plus `mixup_weight * mixup_loss` on the
@@ -12,24 +15,32 @@ It overrides four hooks and leaves the rest to TRL:
 - `log`/metrics: NTP and Mixup parts, mean lambda, NTP loss of each half, and `mixup_token_share`: the share of the
   response tokens that enter the Mixup term (each mixed position takes one token of each sequence of its pair, so
   2 x mixed positions / response tokens; 1 when every pair's responses have equal lengths).
-Evaluation is TRL's plain NTP loss.
+Evaluation is TRL's plain NTP loss. With `padding_free`, a micro-batch is one row of examples laid end to end; the
+Mixup term, its count and the per-half metrics first put each example back on its own right-padded row, so they are
+those of the padded path.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+from transformers.trainer_utils import seed_worker
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID, has_multi_turn
-from .mixup import count_mixed_positions, mixup_loss
+from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss
 from .ntp_trainer import NTPTrainer
-from .sampler import PairedSampler
+from .padding_free import sequence_lengths, unflatten
+from .sampler import PairedSampler, TokenBudgetBatchSampler
 from .sftmix_config import SFTMixConfig, unsupported_parallelism
 
 logger = logging.getLogger(__name__)
@@ -95,6 +106,7 @@ class SFTMixTrainer(NTPTrainer):
         self.data_collator = _KeepRowIndex(self.data_collator)
         self._num_mixed_in_batch = None
         self._engine_logged = False
+        self._paired_sampler = None  # the training sampler, once built; `_run_epoch` sets its epoch
         logger.info(
             "SFTMix split: %d confident, %d unconfident training examples",
             len(self.confident_rows),
@@ -108,17 +120,90 @@ class SFTMixTrainer(NTPTrainer):
         if ROW not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ROW]
 
-    def _get_train_sampler(self, train_dataset=None):
-        return PairedSampler(
+    def _row_lengths(self) -> tuple[list[int], list[int]]:
+        """Per training row: its token count and its trained (label != -100) token count, read once from Arrow."""
+        if getattr(self, "_lengths", None) is None:
+            lengths, responses = [], []
+            for table in self.train_dataset.select_columns(["input_ids", "labels"]).with_format("arrow").iter(8192):
+                lengths += pc.list_value_length(table["input_ids"]).to_pylist()
+                labels = table["labels"].combine_chunks()
+                trained = np.asarray(pc.list_flatten(labels)) != -100
+                parents = np.asarray(pc.list_parent_indices(labels))
+                responses += np.bincount(parents, weights=trained, minlength=len(labels)).astype(int).tolist()
+            self._lengths = (lengths, responses)
+        return self._lengths
+
+    def _get_train_sampler(self, train_dataset=None, pairs_per_global_batch=None, mega_batch_factor=50):
+        length_aware = self.args.train_sampling_strategy == "group_by_length"
+        lengths, responses = self._row_lengths() if length_aware else (None, None)
+        self._paired_sampler = PairedSampler(
             self.confident_rows,
             self.unconfident_rows,
-            pairs_per_global_batch=self.args.pairs_per_device * self.args.world_size,
+            pairs_per_global_batch=pairs_per_global_batch or self.args.pairs_per_device * self.args.world_size,
             seed=self.args.seed,
+            lengths=lengths,
+            response_lengths=responses,
+            mega_batch_factor=mega_batch_factor,
         )
+        return self._paired_sampler
+
+    def _get_train_batch_sampler(self) -> TokenBudgetBatchSampler:
+        """Micro-batches of whole pairs up to `tokens_per_micro_batch`, planned for the run's epochs."""
+        lengths, _ = self._row_lengths()
+        budget, processes = self.args.tokens_per_micro_batch, self.args.world_size
+        # Nothing here depends on the number of processes but the rounding of the micro-batch count: one pair per
+        # "global batch" (no rounding of pairs), mega-batches of about 50 micro-batches of pairs of mean length
+        pairs_per_micro_batch = max(1, budget // max(1, round(2 * float(np.mean(lengths)))))
+        pairs = self._get_train_sampler(pairs_per_global_batch=1, mega_batch_factor=50 * pairs_per_micro_batch)
+        batch_sampler = TokenBudgetBatchSampler(
+            pairs, lengths, budget, padded=not self.args.padding_free, num_processes=processes
+        )
+        epochs = math.ceil(self.args.num_train_epochs)
+        if self.args.max_steps > 0:  # epochs needed at the shortest epoch length; a longer planned epoch needs fewer
+            steps_per_epoch = math.ceil(len(batch_sampler) // processes / self.args.gradient_accumulation_steps)
+            epochs = math.ceil(self.args.max_steps / steps_per_epoch)
+        batch_sampler.plan(epochs)
+        return batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.tokens_per_micro_batch is None:
+            return super().get_train_dataloader()
+        if self.accelerator.split_batches:
+            raise ValueError("`tokens_per_micro_batch` hands whole micro-batches to processes: turn off split_batches")
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=self._get_train_batch_sampler(),
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        # accelerate wraps the batch sampler in `BatchSamplerShard`: rank r gets micro-batches r, r + P, ...
+        return self.accelerator.prepare(loader)
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # A resumed multi-process run wraps the sampler in SkipBatchSampler(BatchSamplerShard(...)), which accelerate's
+        # and the Trainer's `set_epoch` do not reach: the sampler would replay epoch 0's pairs. Set it here.
+        if getattr(self, "_paired_sampler", None) is not None:
+            self._paired_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
+    def _example_lengths(self, batch, num_examples: int) -> torch.Tensor | None:
+        """(2K,) lengths of the examples of a padding-free micro-batch; None when it has one row per example."""
+        return sequence_lengths(batch["position_ids"], num_examples) if self.padding_free else None
+
+    def _paired_labels(self, batch) -> torch.Tensor:
+        """(2K, T) labels, one row per example, whichever way the collator laid the micro-batch out."""
+        lengths = self._example_lengths(batch, len(batch[ROW]))
+        return batch["labels"] if lengths is None else unflatten(batch["labels"], lengths, IGNORE_INDEX)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         num_items = super()._get_num_items_in_batch(batch_samples, device)
-        mixed = sum(count_mixed_positions(batch["labels"]) for batch in batch_samples).to(device)
+        mixed = sum(count_mixed_positions(self._paired_labels(batch)) for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             mixed = self.accelerator.gather(mixed).sum()
         self._num_mixed_in_batch = mixed
@@ -201,7 +286,10 @@ class SFTMixTrainer(NTPTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self._capture_forward(model) as captured:
             ntp_loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T)
+        hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T); padding-free (1, N, D), (1, N)
+        lengths = self._example_lengths(inputs, len(rows))
+        if lengths is not None:  # one right-padded row per example again: the pairs and positions of the padded path
+            hidden, labels = unflatten(hidden, lengths), unflatten(labels, lengths, IGNORE_INDEX)
         _, causal_lm = self._causal_lm(model)
         head = causal_lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
@@ -239,7 +327,7 @@ class SFTMixTrainer(NTPTrainer):
             mix = mix * self.accelerator.num_processes
         loss = ntp_loss + self.args.mixup_weight * mix if self.args.mixup_weight > 0 else ntp_loss
         self._stop_if_not_finite(loss, rows)
-        self._record_metrics(captured["outputs"], mix_sum.detach(), local_mixed, lam)
+        self._record_metrics(captured["outputs"], mix_sum.detach(), local_mixed, lam, lengths)
         return loss
 
     def _stop_if_not_finite(self, loss: torch.Tensor, rows: torch.Tensor) -> None:
@@ -253,10 +341,13 @@ class SFTMixTrainer(NTPTrainer):
             f"written. Example ids of this process's batch: {ids}. Try a lower learning_rate or max_grad_norm."
         )
 
-    def _record_metrics(self, outputs, mix_sum, mixed, lam) -> None:
+    def _record_metrics(self, outputs, mix_sum, mixed, lam, lengths=None) -> None:
         gather = self.accelerator.gather_for_metrics
-        nll = -outputs.log_probs.detach()  # (2K, T-1), zero outside the response
+        nll = -outputs.log_probs.detach()  # (2K, T-1), zero outside the response; padding-free (1, N-1)
         mask = outputs.label_mask
+        if lengths is not None:  # position t predicts token t + 1: one slot appended lines each example up again
+            nll = unflatten(torch.cat([nll, nll.new_zeros(1, 1)], 1), lengths)  # (2K, T)
+            mask = unflatten(torch.cat([mask, mask.new_zeros(1, 1)], 1), lengths, False)
         sums = torch.stack(
             [
                 nll.sum(),
