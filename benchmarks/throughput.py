@@ -204,7 +204,8 @@ def run_variant(variant: Variant, dataset, table, model_args, tokenizer, opts, w
 
     class NTP(Meter, SFTTrainer):  # plain TRL, fed the random pairs SFTMix trains on
         def _get_train_sampler(self, train_dataset=None):
-            confident, unconfident = [rows[i] for i in split[0]], [rows[i] for i in split[1]]
+            # in row order, as SFTMixTrainer lists them: the same permutations then draw the same pairs
+            confident, unconfident = sorted(rows[i] for i in split[0]), sorted(rows[i] for i in split[1])
             return PairedSampler(confident, unconfident, opts.batch_size // 2, seed=0)
 
     class Mix(Meter, SFTMixTrainer):
