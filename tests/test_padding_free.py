@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import run_recipe
-from test_recipes import TINY, _run_in_process, log_history, ok
+from test_recipes import TINY, _run_in_process, assert_stage2_two_processes_match_one, ok
 from test_trainer import NUM_EXAMPLES, crafted_table, make_args
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
@@ -222,22 +222,4 @@ def test_two_process_padding_free_matches_one_process(tiny_model, tmp_path):
     ok(run_recipe("confidence.py", *common, "--output_dir", str(one), "--reference_batch_size", "8"))
     meta = json.loads((one / "confidence" / "metadata.json").read_text())
     assert meta["run"]["max_length"] == 512 and meta["num_scored"] == 24
-    stage2 = [*common, "--confidence_table", str(one / "confidence"), "--max_steps", "3", "--learning_rate", "1e-2"]
-    ok(run_recipe("sftmix.py", *stage2, "--output_dir", str(one / "train"), "--per_device_train_batch_size", "8"))
-    ok(
-        run_recipe(
-            "sftmix.py",
-            *stage2,
-            "--output_dir",
-            str(two / "train"),
-            "--per_device_train_batch_size",
-            "4",
-            num_processes=2,
-        )
-    )
-    logs_one = [h for h in log_history(one / "train") if "ntp_loss" in h]
-    logs_two = [h for h in log_history(two / "train") if "ntp_loss" in h]
-    assert len(logs_one) == len(logs_two) == 3
-    for a, b in zip(logs_one, logs_two):
-        for key in ("loss", "ntp_loss", "mixup_loss", "ntp_loss_confident", "ntp_loss_unconfident", "mixup_lambda"):
-            assert b[key] == pytest.approx(a[key], rel=2e-3), key
+    assert_stage2_two_processes_match_one(common, one, two)

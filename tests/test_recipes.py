@@ -115,6 +115,11 @@ def test_two_process_runs_match_one_process_on_the_same_global_batch(tiny_model,
     np.testing.assert_allclose(table_two.perplexities, table_one.perplexities, rtol=2e-3)
     assert table_two.split() == table_one.split()
 
+    assert_stage2_two_processes_match_one(common, one, two)
+
+
+def assert_stage2_two_processes_match_one(common: list[str], one, two) -> None:
+    """Stage 2 on `one`'s table: 2 processes x 4 per device log the losses of 1 process x 8, step by step."""
     stage2 = [*common, "--confidence_table", str(one / "confidence"), "--max_steps", "3", "--learning_rate", "1e-2"]
     ok(run_recipe("sftmix.py", *stage2, "--output_dir", str(one / "train"), "--per_device_train_batch_size", "8"))
     ok(
