@@ -1,14 +1,16 @@
 """Real-data throughput of NTP and SFTMix: real (non-pad) tokens per second, padding, mixed positions per step.
 
     python benchmarks/throughput.py                                  # CPU, the demo model in 4-bit
-    python benchmarks/throughput.py --device cuda --model llama-3.1-8b-shape --budgets 4096,8192,16384
+    python benchmarks/throughput.py --device cuda --model llama-3.1-8b-shape --examples 512 --budgets 4096,8192,16384
 
 `benchmarks/step_cost.py` feeds NTP and SFTMix the same padded batches; users train on real length distributions,
 where padding is half of a random micro-batch. This benchmark uses real lengths: the Alpaca and the medical meadow
 files of the shared data folder (`SFTMIX_DATA_DIR`, default `../shared/data`), rendered with the demo model's
-tokenizer and chat template, no truncation. Every variant trains on a pool of the same `--examples` examples for the
-same number of optimizer steps (`--warmup` untimed, then `--steps` timed), one micro-batch per step; the confidence
-split is a seeded random table (throughput does not depend on which half an example is in). Variants:
+tokenizer and chat template, no truncation. Every variant trains one epoch over the same pool of `--examples`
+examples (a seeded random confidence table splits it into equal halves, so every example is trained exactly once;
+throughput does not depend on which half an example is in), one micro-batch per optimizer step; the first `--warmup`
+steps are not timed. The fixed-size variants take the same number of steps; the token-budget ones fewer, larger
+ones over the same examples. Variants:
 
   TRL NTP padded / padding_free      SFTTrainer fed the pairs of the random paired sampler (the same examples as
                                      SFTMix with random pairs), `per_device_train_batch_size` sequences a step
@@ -19,8 +21,8 @@ split is a seeded random table (throughput does not depend on which half an exam
 Padding-free SFTMix needs `padding_free: true` support in SFTMixConfig/SFTMixTrainer; where the installed code
 refuses it, those variants are skipped with a printed line. Repeats are interleaved (variant order rotated each
 round) because the machine's speed drifts; each figure is the median over repeats of (real tokens / seconds) of the
-timed steps. The default CPU run (7 variants x 2 datasets x 2 rounds of one step) takes about 15 minutes on an idle
-2-core CPU (the demo step times of step_cost.py), far longer on a shared one. Targets (Alpaca): SFTMix padding-free >= 0.95x TRL NTP padding-free, >= 1.6x today's SFTMix, padding
+timed steps. The default CPU run (9 variants x 2 datasets x 2 rounds of a 64-example epoch) takes about 45 minutes
+on an idle 2-core CPU. Targets (Alpaca): SFTMix padding-free >= 0.95x TRL NTP padding-free, >= 1.6x today's SFTMix, padding
 < 5% of computed tokens. Results are printed and written to benchmarks/results/throughput_<device>.md.
 
 On a GPU machine (see ../shared/GPU.md): `--model llama-3.1-8b-shape` builds a random-init Llama-3.1-8B-shaped model
@@ -139,7 +141,7 @@ def load_pool(path: Path, num_examples: int, seed: int = 0):
 
 
 def run_variant(variant: Variant, dataset, table, model_args, tokenizer, opts, work: Path) -> dict:
-    """Train one variant for warmup + steps optimizer steps; per timed step: seconds, real and computed tokens, and
+    """Train one variant for one epoch over the pool; per timed step: seconds, real and computed tokens, and
     mixed positions (SFTMix)."""
     from transformers import TrainerCallback
     from trl import SFTTrainer
@@ -157,12 +159,12 @@ def run_variant(variant: Variant, dataset, table, model_args, tokenizer, opts, w
         per_device_train_batch_size=opts.batch_size,
         max_length=None,  # no truncation: the real lengths (and what TRL's padding_free requires)
         padding_free=variant.padding_free,
-        max_steps=opts.warmup + opts.steps,
+        num_train_epochs=1,  # the whole pool: every variant trains on the same examples
         logging_steps=1,
         save_strategy="no",
         learning_rate=1e-4,
         seed=0,
-        gradient_checkpointing=cuda,
+        gradient_checkpointing=cuda or opts.gradient_checkpointing,
         dataloader_pin_memory=False,
     )
     if variant.method == "sftmix":
@@ -228,6 +230,8 @@ def run_variant(variant: Variant, dataset, table, model_args, tokenizer, opts, w
     responses = None
     if variant.method == "sftmix":
         responses = trainer._row_lengths()[1]
+    if len(trainer.micro_batches) <= opts.warmup:
+        sys.exit(f"error: '{variant.name}' took {len(trainer.micro_batches)} step(s), none timed: raise --examples")
     timed = trainer.micro_batches[opts.warmup :]  # one micro-batch per optimizer step
     result = {
         "seconds": timer.times[opts.warmup :],
@@ -315,12 +319,16 @@ def main() -> None:
     parser.add_argument("--model", default="demo", choices=["demo", "llama-3.1-8b-shape"])
     parser.add_argument("--tokenizer", help="tokenizer and chat template (default: the demo model's)")
     parser.add_argument("--datasets", default="alpaca,medical", help=f"comma-separated, of {list(DATASETS)}")
-    parser.add_argument("--examples", type=int, default=256, help="pool of examples every variant draws from")
+    parser.add_argument("--examples", type=int, default=64, help="the pool every variant trains one epoch on")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch (2K) without a budget")
-    parser.add_argument("--budgets", default="2048", help="padding-free token budgets (comma-separated)")
-    parser.add_argument("--padded_budget", type=int, default=0, help="one padded token budget (0: none)")
-    parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per variant and round")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed first steps")
+    parser.add_argument("--budgets", default="1024,2048", help="padding-free token budgets (comma-separated)")
+    parser.add_argument("--padded_budget", type=int, default=1024, help="one padded token budget (0: none)")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="on CPU too (always on with cuda): a padded micro-batch of long examples otherwise needs > 24 GB",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each epoch")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all variants")
     parser.add_argument("--only", help="run only the variants whose name contains one of these (';'-separated)")
     parser.add_argument("--tag", help="results file name: throughput_<tag>.md (default: the device)")
@@ -379,13 +387,14 @@ def main() -> None:
 
 def write_results(runs, variants, skipped, opts, device: str, suffix: str) -> str:
     model = "SmolLM2-135M-Instruct" if opts.model == "demo" else "Llama-3.1-8B shape (random init)"
+    checkpointing = "on" if opts.device == "cuda" or opts.gradient_checkpointing else "off"
     lines = [
         f"# Real-data throughput: NTP and SFTMix, {device}",
         "",
         f"{model}, 4-bit nf4 base, LoRA r=16 on all linears; tokenizer and chat template of SmolLM2-135M-Instruct; "
-        f"no truncation. Pool of {opts.examples} examples per dataset (seeded), {opts.warmup} untimed + {opts.steps} "
-        f"timed optimizer step(s) per variant and round, one micro-batch per step ({opts.batch_size} sequences "
-        f"without a budget), up to {opts.repeats} interleaved rounds (variant order rotated). Real tokens/s is the "
+        f"no truncation. One epoch over the same {opts.examples} examples per dataset (seeded) for every variant and "
+        f"round, the first {opts.warmup} step(s) untimed, one micro-batch per optimizer step ({opts.batch_size} "
+        f"sequences without a budget), gradient checkpointing {checkpointing}, up to {opts.repeats} interleaved rounds (variant order rotated). Real tokens/s is the "
         "median over rounds of real (non-pad) tokens / seconds of the timed steps; padding is pad slots / computed "
         "tokens; mixed positions are the sum over pairs of min(N_c, N_u).",
         "",

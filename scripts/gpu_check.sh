@@ -71,6 +71,11 @@ echo "== step cost and mixup memory on the GPU (benchmarks/results/step_cost_cud
 $PY benchmarks/step_cost.py
 $PY benchmarks/confidence_cost.py
 
+echo "== real-data throughput, Llama-3.1-8B shape, padded vs padding-free vs token budgets (throughput_cuda_8b.md)"
+# needs the two data files under SFTMIX_DATA_DIR and the demo tokenizer at TOKENIZER (e.g. .gpu/smollm2)
+$PY benchmarks/throughput.py --device cuda --model llama-3.1-8b-shape --tokenizer "${TOKENIZER:-$MODEL}" \
+    --datasets alpaca --examples 512 --budgets 4096,8192,16384 --padded_budget 0 --repeats 1 --work_dir $OUT/throughput
+
 echo "== 1 GPU: the full recipe (both stages, no --confidence_table) under FSDP (4-bit base) and ZeRO-3 (16-bit)"
 "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 1 recipes/sftmix.py \
     --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/fsdp_1gpu --bnb_4bit_quant_storage bfloat16
