@@ -6,12 +6,28 @@ import difflib
 import json
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import trl
 import yaml
 from trl import ModelConfig, TrlParser
+
+
+def _read_mixture(text: str) -> dict[str, Any] | None:
+    """`dataset_mixture` given as a string: the path of a YAML/JSON file holding the mapping, or the mapping as JSON
+    (`null` drops a mixture set in the config file)."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return yaml.safe_load(path.read_text())
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(
+            f'`dataset_mixture` must be a JSON mapping {{"datasets": [{{"path": ...}}]}} or the path of a YAML/JSON file '
+            f"holding one; got {text!r}, which is neither"
+        ) from None
 
 
 @dataclass
@@ -46,8 +62,8 @@ class ScriptArguments:
     dataset_mixture: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": "Several sources: {datasets: [{path, fraction, format, split, name}], seed} (a JSON string on the "
-            "command line). "
+            "help": "Several sources: {datasets: [{path, fraction, format, split, name}], seed} (on the command line: "
+            "JSON, or the path of a YAML/JSON file holding it; `null` drops the config file's mixture). "
             "`fraction` (0, 1] is the share of that source kept, drawn with `seed`."
         },
     )
@@ -68,11 +84,14 @@ class ScriptArguments:
 
     def __post_init__(self):
         if isinstance(self.dataset_mixture, str):
-            self.dataset_mixture = json.loads(self.dataset_mixture)
+            self.dataset_mixture = _read_mixture(self.dataset_mixture)
         if self.dataset_name is None and self.dataset_mixture is None:
             raise ValueError("Set `dataset_name` or `dataset_mixture`: there is no training data.")
         if self.dataset_name is not None and self.dataset_mixture is not None:
-            raise ValueError("Set one of `dataset_name` and `dataset_mixture`, not both.")
+            raise ValueError(
+                "Set one of `dataset_name` and `dataset_mixture`, not both (to train on another dataset than the "
+                "config file's mixture, add `--dataset_mixture null`)."
+            )
         if self.eval_split_size < 0:
             raise ValueError(f"`eval_split_size` must be >= 0, got {self.eval_split_size}.")
 

@@ -84,6 +84,28 @@ def test_dataset_name_and_mixture_together_is_an_error(tmp_path):
         parse_args(SFT_TYPES, args)
 
 
+def test_dataset_mixture_as_a_file_on_the_command_line(tmp_path):
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(yaml.safe_dump(MIXTURE))
+    args = ["--dataset_mixture", str(mixture), "--output_dir", str(tmp_path)]
+    assert parse_args(SFT_TYPES, args)[0].dataset_mixture == MIXTURE
+
+
+def test_dataset_mixture_neither_json_nor_a_file_names_both_forms(tmp_path):
+    args = ["--dataset_mixture", str(tmp_path / "missing.yaml"), "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"must be a JSON mapping .* or the path of a YAML/JSON file"):
+        parse_args(SFT_TYPES, args)
+
+
+def test_command_line_dataset_replaces_the_config_files_mixture(config):
+    path = config({"dataset_mixture": MIXTURE})
+    with pytest.raises(SystemExit, match=r"--dataset_mixture null"):
+        parse_args(SFT_TYPES, ["--config", path, "--dataset_name", "x.jsonl"])
+    args = ["--config", path, "--dataset_name", "x.jsonl", "--dataset_mixture", "null"]
+    script_args = parse_args(SFT_TYPES, args)[0]
+    assert script_args.dataset_name == "x.jsonl" and script_args.dataset_mixture is None
+
+
 def test_bf16_follows_the_device_when_unset(config):
     training_args = parse_args(SFT_TYPES, ["--config", config({"dataset_name": "x.jsonl"})])[1]
     expected = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
