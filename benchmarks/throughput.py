@@ -18,8 +18,7 @@ ones over the same examples. Variants:
   SFTMix ... length-aware pairs      `train_sampling_strategy: group_by_length`
   SFTMix ... budget B                `tokens_per_micro_batch: B` (whole pairs up to B computed tokens), length-aware
 
-Padding-free SFTMix needs `padding_free: true` support in SFTMixConfig/SFTMixTrainer; where the installed code
-refuses it, those variants are skipped with a printed line. Repeats are interleaved (variant order rotated each
+Repeats are interleaved (variant order rotated each
 round) because the machine's speed drifts; each figure is the median over repeats of (real tokens / seconds) of the
 timed steps. The default CPU run (9 variants x 2 datasets x 2 rounds of a 64-example epoch) takes about 45 minutes
 on an idle 2-core CPU. Targets (Alpaca): SFTMix padding-free >= 0.95x TRL NTP padding-free, >= 1.6x today's SFTMix, padding
@@ -93,17 +92,6 @@ def data_dir() -> Path:
     if not all((path / f).is_file() for f in DATASETS.values()):
         sys.exit(f"error: the data files {list(DATASETS.values())} are not under {path}; set SFTMIX_DATA_DIR")
     return path
-
-
-def padding_free_refusal(work: Path) -> str | None:
-    """Why SFTMix refuses `padding_free` in the installed code, or None when it accepts it."""
-    from sftmix_trl.sftmix_config import SFTMixConfig
-
-    try:
-        SFTMixConfig(output_dir=str(work / "probe"), padding_free=True, max_length=None, report_to="none")
-    except ValueError as error:
-        return str(error)
-    return None
 
 
 def build_model(name: str, device: str, work: Path):
@@ -267,7 +255,7 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def table_lines(dataset: str, summaries: dict[str, dict], skipped: dict[str, str]) -> list[str]:
+def table_lines(dataset: str, summaries: dict[str, dict]) -> list[str]:
     today = summaries.get("SFTMix, padded, random pairs (today)")
     ntp_free = summaries.get("TRL NTP, padding_free")
     lines = [
@@ -287,8 +275,6 @@ def table_lines(dataset: str, summaries: dict[str, dict], skipped: dict[str, str
             f"| {name} | {s['tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | {s['step_s']:.2f} | {s['real_per_step']:.0f} "
             f"| {sequences} | {100 * s['padding']:.1f}% | {mixed} | {vs_ntp} | {vs_today} |"
         )
-    for name, why in skipped.items():
-        lines.append(f"| {name} | skipped: {why} | | | | | | | |")
     return lines + [""]
 
 
@@ -298,7 +284,7 @@ def target_lines(summaries: dict[str, dict]) -> list[str]:
     lines = ["Targets (Alpaca lengths):", ""]
     free = {n: s for n, s in summaries.items() if n.startswith("SFTMix, padding_free")}
     if not free:
-        lines.append("- SFTMix padding-free: not measured (skipped, see the table)")
+        lines.append("- SFTMix padding-free: not measured (left out with --only)")
     for name, s in free.items():
         parts = []
         if ntp_free:
@@ -352,14 +338,6 @@ def main() -> None:
     variants = all_variants(budgets, opts.padded_budget)
     if opts.only:
         variants = [v for v in variants if any(key.strip() in v.name for key in opts.only.split(";"))]
-    skipped = {}
-    refusal = padding_free_refusal(work)
-    if refusal:
-        for v in variants:
-            if v.method == "sftmix" and v.padding_free:
-                skipped[v.name] = f"this SFTMix refuses padding_free ({refusal})"
-                print(f"skipping '{v.name}': this SFTMix refuses padding_free ({refusal})", flush=True)
-    variants = [v for v in variants if v.name not in skipped]
 
     names = [n.strip() for n in opts.datasets.split(",")]
     device = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU ({os.cpu_count()} cores, shared)"
@@ -380,12 +358,12 @@ def main() -> None:
                     flush=True,
                 )
             # written after every round, so a run cut short keeps what it measured
-            write_results(runs, variants, skipped, opts, device, suffix)
-    print(write_results(runs, variants, skipped, opts, device, suffix))
+            write_results(runs, variants, opts, device, suffix)
+    print(write_results(runs, variants, opts, device, suffix))
     print(f"written to {RESULTS / f'throughput_{suffix}.md'}")
 
 
-def write_results(runs, variants, skipped, opts, device: str, suffix: str) -> str:
+def write_results(runs, variants, opts, device: str, suffix: str) -> str:
     model = "SmolLM2-135M-Instruct" if opts.model == "demo" else "Llama-3.1-8B shape (random init)"
     checkpointing = "on" if opts.device == "cuda" or opts.gradient_checkpointing else "off"
     lines = [
@@ -394,7 +372,8 @@ def write_results(runs, variants, skipped, opts, device: str, suffix: str) -> st
         f"{model}, 4-bit nf4 base, LoRA r=16 on all linears; tokenizer and chat template of SmolLM2-135M-Instruct; "
         f"no truncation. One epoch over the same {opts.examples} examples per dataset (seeded) for every variant and "
         f"round, the first {opts.warmup} step(s) untimed, one micro-batch per optimizer step ({opts.batch_size} "
-        f"sequences without a budget), gradient checkpointing {checkpointing}, up to {opts.repeats} interleaved rounds (variant order rotated). Real tokens/s is the "
+        f"sequences without a budget), gradient checkpointing {checkpointing}, up to {opts.repeats} interleaved rounds "
+        "(variant order rotated). Real tokens/s is the "
         "median over rounds of real (non-pad) tokens / seconds of the timed steps; padding is pad slots / computed "
         "tokens; mixed positions are the sum over pairs of min(N_c, N_u).",
         "",
@@ -403,7 +382,7 @@ def write_results(runs, variants, skipped, opts, device: str, suffix: str) -> st
         summaries = {v.name: summarise(runs[(name, v.name)]) for v in variants if (name, v.name) in runs}
         rounds = min(len(runs[(name, v)]) for v in summaries)
         lines += [f"Rounds completed on {name}: {rounds}", ""]
-        lines += table_lines(name, summaries, skipped)
+        lines += table_lines(name, summaries)
         if name == "alpaca":
             lines += target_lines(summaries)
     text = "\n".join(lines)
