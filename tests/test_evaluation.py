@@ -345,6 +345,92 @@ def test_perplexity_equals_a_hand_computation(tiny_model, tiny_tokenizer):
     assert metrics["perplexity"] != pytest.approx(metrics["mean_example_perplexity"], rel=1e-6)
 
 
+def _hand_reply_nll(model, tokenizer, messages: list[dict], scored: list[int]) -> list[float]:
+    """NLL of the tokens of the replies `scored` (message indices) in one forward over the whole conversation."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    nll = []
+    for i in scored:
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False) if i < len(messages) - 1 else full
+        start = len(tokenizer(before, add_special_tokens=False)["input_ids"])
+        end = len(tokenizer(through, add_special_tokens=False)["input_ids"])
+        nll += [-float(log_probs[t - 1, ids[t]]) for t in range(start, end)]
+    return nll
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer health questions briefly."},
+    {"role": "user", "content": "What helps a sore throat?"},
+    {"role": "assistant", "content": "Warm drinks and rest."},
+    {"role": "user", "content": "And if it lasts a week?"},
+    {"role": "assistant", "content": "See a doctor."},
+]
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_perplexity_of_a_conversation_scores_its_replies_in_one_pass(tiny_model, tiny_tokenizer, tmp_path, turns):
+    from transformers import LlamaForCausalLM
+
+    from sftmix_trl.evaluation.perplexity import load_perplexity_data
+
+    tokenizer = tiny_tokenizer
+    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    single = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONVERSATION}, {"messages": single}])
+    dataset = load_perplexity_data(str(path), turns=turns)
+    rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    metrics, samples = response_perplexity(model, tokenizer, dataset, batch_size=1)
+    hook.remove()
+
+    scored = {len(CONVERSATION): [2, 4] if turns == "all" else [4], len(single): [1]}
+    conversations = [example["prompt"] + example["completion"] for example in dataset]  # the loader's order
+    expected = [_hand_reply_nll(model, tokenizer, messages, scored[len(messages)]) for messages in conversations]
+    assert sum(rows) == 2  # one forward row per conversation, both replies of the first read from it
+    assert [s["tokens"] for s in samples] == [len(nll) for nll in expected]
+    assert [s["mean_nll"] for s in samples] == pytest.approx([sum(n) / len(n) for n in expected], rel=1e-10)
+    total = sum(map(sum, expected)) / sum(map(len, expected))
+    assert metrics["perplexity"] == pytest.approx(math.exp(total), rel=1e-10)
+
+
+def test_perplexity_of_a_conversation_longer_than_max_length_scores_each_reply_with_the_context_that_fits(
+    tiny_model, tiny_tokenizer
+):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    example = {"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:]}
+    full, _ = response_perplexity(model, tiny_tokenizer, Dataset.from_list([example]), batch_size=2)
+    short, samples = response_perplexity(
+        model, tiny_tokenizer, Dataset.from_list([example]), batch_size=2, max_length=24
+    )
+    assert short["truncated"] == 1 and full["truncated"] == 0
+    assert samples[0]["tokens"] == full["tokens"]  # every reply token is still scored, on a shorter context
+
+
+def test_continuation_requests_that_start_the_next_share_its_row(tiny_model):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    ids = list(range(5, 25))
+    requests = [(ids[:4], ids[4:9]), (ids[:12], ids[12:20]), (ids[:3], [7, 8])]  # the last one starts elsewhere
+    rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    shared = continuation_log_probs(model, requests, batch_size=1, max_length=64, pad_token_id=0)
+    hook.remove()
+    apart = [continuation_log_probs(model, [r], batch_size=1, max_length=64, pad_token_id=0)[0] for r in requests]
+    assert sum(rows) == 2
+    for a, b in zip(shared, apart):
+        assert torch.allclose(a, b, rtol=1e-10, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments
 

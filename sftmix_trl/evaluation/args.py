@@ -125,6 +125,14 @@ class EvalArguments:
         },
     )
     perplexity_seed: int = field(default=42, metadata={"help": "Seed of that held-out split (`dataset_seed`)."})
+    perplexity_turns: str = field(
+        default="all",
+        metadata={
+            "help": "Which assistant replies of a multi-turn conversation are scored: 'all' (as the recipes train "
+            "them by default) or 'last' (earlier turns are context; as `assistant_turns: last` trains).",
+            "choices": ["all", "last"],
+        },
+    )
     max_new_tokens: int = field(
         default=1280,
         metadata={"help": "Longest IFEval response generated (greedy); lm-eval-harness uses 1280."},
@@ -168,6 +176,8 @@ class EvalArguments:
             raise EvalError(f"`max_length` must be >= 2 (a context token and a scored token), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"`limit` must be >= 1 (or unset), got {self.limit}")
+        if self.perplexity_turns not in ("all", "last"):
+            raise EvalError(f"`perplexity_turns` must be 'all' or 'last', got {self.perplexity_turns!r}")
         if self.perplexity_held_out < 0:
             raise EvalError(f"`perplexity_held_out` must be >= 0, got {self.perplexity_held_out}")
 

@@ -291,14 +291,13 @@ def continuation_log_probs(
 
     Returns one float64 tensor per request (length = continuation tokens kept). A pair longer than `max_length`
     loses the start of its context first, then the end of its continuation. One-token continuations of the same
-    context (the options A/B/C/D of a question) share one forward pass of that context, as in lm-eval-harness.
-    Rows are left-padded with explicit position ids, and the model computes logits only for the last positions
-    (`logits_to_keep`), which keeps memory small with large vocabularies. Sharded over processes; every process
-    returns all results.
+    context (the options A/B/C/D of a question) share one forward pass of that context, as in lm-eval-harness; a
+    request whose whole sequence starts the next request's (the replies of one conversation, listed in order) shares
+    that request's forward pass. Rows are left-padded with explicit position ids, and the model computes logits only
+    for the last positions (`logits_to_keep`), which keeps memory small with large vocabularies. Sharded over
+    processes; every process returns all results.
     """
-    rows: list[list[int]] = []  # token sequences run through the model
-    shared: dict[tuple[int, ...], int] = {}  # context -> its row, for one-token continuations
-    plan: list[tuple[int, int, list[int]]] = []  # per request: (row, position predicting its first token, tokens)
+    kept = []  # (context, continuation) as scored
     for context, continuation in requests:
         if not continuation:
             raise ValueError("an empty continuation cannot be scored")
@@ -306,14 +305,28 @@ def continuation_log_probs(
         context = context[-(max_length - len(continuation)) :] if context else []
         if not context:
             raise ValueError("a continuation needs at least one context token before it")
+        kept.append((context, continuation))
+    rows: list[list[int]] = []  # token sequences run through the model
+    shared: dict[tuple[int, ...], int] = {}  # context -> its row, for one-token continuations
+    # per request: (row, position predicting its first token, tokens)
+    plan: list[tuple[int, int, list[int]]] = [None] * len(kept)
+    waiting: list[int] = []  # multi-token requests whose sequence starts the next one's: they take its row
+    for index, (context, continuation) in enumerate(kept):
         if len(continuation) == 1:
             if tuple(context) not in shared:
                 shared[tuple(context)] = len(rows)
                 rows.append(list(context))
-            plan.append((shared[tuple(context)], len(context) - 1, continuation))
-        else:
-            rows.append(context + continuation)
-            plan.append((len(rows) - 1, len(context) - 1, continuation))
+            plan[index] = (shared[tuple(context)], len(context) - 1, continuation)
+            continue
+        sequence = context + continuation
+        waiting.append(index)
+        after = kept[index + 1] if index + 1 < len(kept) else None
+        if after is not None and len(after[1]) > 1 and (after[0] + after[1])[: len(sequence)] == sequence:
+            continue
+        for waiter in waiting:
+            plan[waiter] = (len(rows), len(kept[waiter][0]) - 1, kept[waiter][1])
+        rows.append(sequence)
+        waiting = []
     requests_of: list[list[int]] = [[] for _ in rows]
     for index, (row, _, _) in enumerate(plan):
         requests_of[row].append(index)

@@ -1,14 +1,17 @@
 """Held-out response perplexity: how well the model predicts the reference responses of a dataset.
 
-Each example is rendered with the tokenizer's chat template as in training; the response tokens are everything the
-template adds after the generation prompt (the reply, its end-of-turn token and any text the template appends), the
-tokens TRL's completion-only loss trains on.
+Each example is rendered with the tokenizer's chat template as in training. The scored tokens of a reply are what
+the template adds for it after the generation prompt before it (the reply and its end-of-turn token; for the last
+reply, any text the template appends too): the tokens TRL's completion-only loss trains on. A multi-turn
+conversation is scored on every assistant reply (`turns="all"`), as the recipes train it, in one forward pass when
+it fits `max_length`; the user turns between replies are context.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from datasets import Dataset
 
 from ..configs import ScriptArguments
@@ -24,16 +27,17 @@ def load_perplexity_data(
     held_out: float = 0.0,
     seed: int = 42,
     limit: int | None = None,
+    turns: str = "all",
 ) -> Dataset:
-    """Examples read by `sftmix_trl.data` (any source and format it reads); with `held_out`, only that split."""
-    # `render` scores the completion after one prompt: a conversation is scored on its last assistant turn
+    """Examples read by `sftmix_trl.data` (any source and format it reads); with `held_out`, only that split.
+    `turns`: "all" scores every assistant reply of a conversation, "last" only its last (earlier turns context)."""
     args = ScriptArguments(
         dataset_name=path,
         dataset_format=fmt,
         dataset_train_split=split,
         eval_split_size=held_out,
         dataset_seed=seed,
-        assistant_turns="last",
+        assistant_turns=turns,
     )
     train, held = load_datasets(args)
     dataset = held if held_out else train
@@ -42,17 +46,39 @@ def load_perplexity_data(
     return dataset
 
 
-def render(tokenizer, example: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of a normalised {prompt, completion} example, through the chat template."""
-    prompt_text = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise EvalError("the chat template renders the prompt differently with and without the response")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+def render(tokenizer, example: dict) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a normalised {prompt, completion} example through the chat template, and the (start, end) token
+    spans of its assistant replies (every one of the completion; the user turns between them are not scored)."""
+    messages = example["prompt"] + example["completion"]
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    replies = [
+        i for i, message in enumerate(messages) if i >= len(example["prompt"]) and message["role"] == "assistant"
+    ]
+    bounds = []  # character offsets: start and end of each reply
+    for i in replies:
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = (
+            full_text if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        )
+        if not (full_text.startswith(before) and full_text.startswith(through)):
+            if i == replies[0]:
+                raise EvalError("the chat template renders the prompt differently with and without the response")
+            raise EvalError(
+                "the chat template renders a conversation's earlier turns differently from the whole conversation: "
+                "set `perplexity_turns: last` to score only its last reply"
+            )
+        bounds += [len(before), len(through)]
     full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        return prompt_ids, tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    return prompt_ids, full_ids[len(prompt_ids) :]
+    prefixes = [tokenizer(full_text[:b], add_special_tokens=False)["input_ids"] for b in bounds]
+    if all(full_ids[: len(prefix)] == prefix for prefix in prefixes):
+        cuts = [len(prefix) for prefix in prefixes]
+    else:  # a token spans a boundary: tokenise the pieces between boundaries apart, so each reply keeps its tokens
+        full_ids, cuts = [], []
+        for start, end in zip([0, *bounds], [*bounds, len(full_text)]):
+            full_ids += tokenizer(full_text[start:end], add_special_tokens=False)["input_ids"] if end > start else []
+            cuts.append(len(full_ids))
+        cuts = cuts[:-1]
+    return full_ids, [(start, end) for start, end in zip(cuts[0::2], cuts[1::2]) if end > start]
 
 
 def response_perplexity(
@@ -63,8 +89,19 @@ def response_perplexity(
     `mean_example_perplexity` is the mean over examples of exp(mean NLL of that example's response tokens), which
     weighs short responses as much as long ones.
     """
-    requests = [render(tokenizer, example) for example in dataset]
-    log_probs = continuation_log_probs(model, requests, batch_size, max_length, tokenizer.pad_token_id, desc)
+    rendered = [render(tokenizer, example) for example in dataset]
+    empty = [index for index, (_, spans) in enumerate(rendered) if not spans]
+    if empty:
+        raise EvalError(f"{len(empty)} example(s) render no response token to score (e.g. example {empty[0]})")
+    requests, owner = [], []  # one request per reply; owner: its example
+    for index, (ids, spans) in enumerate(rendered):
+        requests += [(ids[:start], ids[start:end]) for start, end in spans]
+        owner += [index] * len(spans)
+    per_reply = continuation_log_probs(model, requests, batch_size, max_length, tokenizer.pad_token_id, desc)
+    log_probs = [[] for _ in rendered]
+    for index, lp in zip(owner, per_reply):
+        log_probs[index].append(lp)
+    log_probs = [torch.cat(parts) for parts in log_probs]
     total_nll = sum(-float(lp.sum()) for lp in log_probs)
     tokens = sum(len(lp) for lp in log_probs)
     samples = []
@@ -87,6 +124,6 @@ def response_perplexity(
         "mean_example_nll": sum(s["mean_nll"] for s in samples) / n if n else float("nan"),
         "n": n,
         "tokens": tokens,
-        "truncated": sum(len(c) + len(r) > max_length for c, r in requests),
+        "truncated": sum(len(ids) > max_length for ids, _ in rendered),
     }
     return metrics, samples

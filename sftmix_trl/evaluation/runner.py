@@ -62,6 +62,7 @@ def load_task_data(eval_args: EvalArguments) -> dict:
                 eval_args.perplexity_split,
                 eval_args.perplexity_held_out,
                 eval_args.perplexity_seed,
+                turns=eval_args.perplexity_turns,
             )
         groups = [item.group for item in items] if task == "mmlu_medical" else None
         keep = sample_items(items, eval_args.limit, eval_args.limit_seed, groups)
