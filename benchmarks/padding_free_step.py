@@ -133,10 +133,7 @@ def main() -> None:
             f"{flops[name] / flops[NTP]:.3f}x |"
         )
     text = "\n".join(lines) + "\n"
-    out = throughput.RESULTS / "padding_free_step_cpu.md"
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    throughput.write_report("padding_free_step_cpu.md", text)
 
 
 if __name__ == "__main__":

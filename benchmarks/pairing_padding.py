@@ -141,10 +141,7 @@ def main() -> None:
                 lines.append(row + " |")
         lines.append("")
     text = "\n".join(lines)
-    out = throughput.RESULTS / "pairing_padding.md"
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    throughput.write_report("pairing_padding.md", text)
 
 
 if __name__ == "__main__":

@@ -371,6 +371,14 @@ def main() -> None:
     print(f"written to {RESULTS / f'throughput_{suffix}.md'}")
 
 
+def write_report(name: str, text: str) -> None:
+    """Print a benchmark's report and write it to benchmarks/results/`name`."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(text)
+    print(text)
+    print(f"written to {RESULTS / name}")
+
+
 def write_results(runs, variants, opts, device: str, suffix: str) -> str:
     model = "SmolLM2-135M-Instruct" if opts.model == "demo" else "Llama-3.1-8B shape (random init)"
     checkpointing = "on" if opts.device == "cuda" or opts.gradient_checkpointing else "off"

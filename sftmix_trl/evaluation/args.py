@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data import ASSISTANT_TURNS
 from .errors import EvalError
 
 MMLU_MEDICAL_SUBJECTS = (
@@ -130,7 +131,7 @@ class EvalArguments:
         metadata={
             "help": "Which assistant replies of a multi-turn conversation are scored: 'all' (as the recipes train "
             "them by default) or 'last' (earlier turns are context; as `assistant_turns: last` trains).",
-            "choices": ["all", "last"],
+            "choices": list(ASSISTANT_TURNS),
         },
     )
     max_new_tokens: int = field(
@@ -176,8 +177,8 @@ class EvalArguments:
             raise EvalError(f"`max_length` must be >= 2 (a context token and a scored token), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"`limit` must be >= 1 (or unset), got {self.limit}")
-        if self.perplexity_turns not in ("all", "last"):
-            raise EvalError(f"`perplexity_turns` must be 'all' or 'last', got {self.perplexity_turns!r}")
+        if self.perplexity_turns not in ASSISTANT_TURNS:
+            raise EvalError(f"`perplexity_turns` must be one of {ASSISTANT_TURNS}, got {self.perplexity_turns!r}")
         if self.perplexity_held_out < 0:
             raise EvalError(f"`perplexity_held_out` must be >= 0, got {self.perplexity_held_out}")
 

@@ -69,7 +69,10 @@ def render(tokenizer, example: dict) -> tuple[list[int], list[tuple[int, int]]]:
             )
         bounds += [len(before), len(through)]
     full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    prefixes = [tokenizer(full_text[:b], add_special_tokens=False)["input_ids"] for b in bounds]
+    prefixes = [  # the last reply usually ends the text: its end is the whole text, already tokenised
+        full_ids if b == len(full_text) else tokenizer(full_text[:b], add_special_tokens=False)["input_ids"]
+        for b in bounds
+    ]
     if all(full_ids[: len(prefix)] == prefix for prefix in prefixes):
         cuts = [len(prefix) for prefix in prefixes]
     else:  # a token spans a boundary: tokenise the pieces between boundaries apart, so each reply keeps its tokens
