@@ -4,7 +4,26 @@ from .bnb_cpu import silence_hub_kernel_warning
 
 silence_hub_kernel_warning()  # before anything imports bitsandbytes
 
+from .errors import SFTMixError  # noqa: E402
 from .mixup import mixup_loss  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["mixup_loss"]
+
+# The trainer and stage 1 import TRL and transformers' Trainer: loaded on first use, so that `import sftmix_trl`
+# (the CLI's --help, the loss alone) stays fast
+_LAZY = {
+    "SFTMixConfig": ".sftmix_config",
+    "SFTMixTrainer": ".sftmix_trainer",
+    "ConfidenceConfig": ".confidence",
+    "ConfidenceTable": ".confidence",
+    "compute_confidence": ".confidence",
+}
+__all__ = ["SFTMixError", "mixup_loss", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

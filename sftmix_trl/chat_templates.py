@@ -23,6 +23,8 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from .errors import SFTMixError
+
 # `message['content']`, `message["content"]` or `message.content`
 _CONTENT = re.compile(r"""message\s*(?:\[\s*(['"])content\1\s*\]|\.content\b)""")
 _EXPRESSION = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.DOTALL)
@@ -35,7 +37,7 @@ _PROBE_TURNS = [
 ]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(SFTMixError):
     """The chat template cannot mark the assistant turns; the message says what to do."""
 
 

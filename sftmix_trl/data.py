@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets, load_dataset
 
+from .errors import SFTMixError
+
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -37,7 +39,7 @@ EXAMPLE_ID = "example_id"
 ASSISTANT_TURNS = ("all", "last")
 
 
-class DataError(ValueError):
+class DataError(SFTMixError):
     """A data problem the user can fix: the message names the file, the record and the field."""
 
 

@@ -14,6 +14,8 @@ import sys
 from enum import Enum
 from pathlib import Path
 
+from .errors import SFTMixError
+
 logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -25,8 +27,8 @@ SFTMIX_CITATION = (
 UPLOAD_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt", "README.md", "*.png"]
 
 
-class PublishError(RuntimeError):
-    pass
+class PublishError(SFTMixError, RuntimeError):
+    """The Hub refused or could not take the upload; the message says why."""
 
 
 def redact(text: str) -> str:

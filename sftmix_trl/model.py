@@ -22,13 +22,14 @@ from transformers import (
 )
 from trl import get_peft_config
 
-from .chat_templates import ChatTemplateError, training_chat_template
+from .chat_templates import training_chat_template
 from .configs import ModelArguments, bf16_supported
+from .errors import SFTMixError
 
 logger = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SFTMixError):
     """The model cannot be loaded as configured; the message says why and what to change."""
 
 
@@ -145,10 +146,7 @@ def load_tokenizer(
             "`chat_template_path`"
         )
     if assistant_only_loss:
-        try:
-            tokenizer.chat_template = training_chat_template(tokenizer)
-        except ChatTemplateError as error:
-            raise ModelLoadError(str(error)) from None
+        tokenizer.chat_template = training_chat_template(tokenizer)  # ChatTemplateError says what to do
     tokenizer.padding_side = "right"
     set_pad_token(tokenizer, model_args.tokenizer_pad_token)
     return tokenizer

@@ -19,6 +19,8 @@ import copy
 import torch
 from trl import SFTTrainer
 
+from .errors import SFTMixError
+
 # Implementations that separate packed sequences: the masked ones build transformers' packed-sequence mask from
 # `position_ids`, the flash ones run their varlen kernels on `cu_seq_lens`
 SEPARATING_ATTENTION = (
@@ -31,7 +33,7 @@ SEPARATING_ATTENTION = (
 )
 
 
-class PaddingFreeError(ValueError):
+class PaddingFreeError(SFTMixError):
     """A setting that padding-free batches cannot honour."""
 
 

@@ -14,6 +14,8 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import hub
+from .atomic import atomic_write
+from .errors import SFTMixError
 
 logger = logging.getLogger("sftmix_trl")
 RUN_FILE = "sftmix_run.json"
@@ -81,9 +83,7 @@ def record_run(training_args, run_config: dict, recipe: str) -> None:
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"recipe": recipe, "argv": hub.redact(" ".join(sys.argv)), "config": run_config}
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(out / RUN_FILE)
+    atomic_write(out / RUN_FILE, json.dumps(payload, indent=2, default=str))
 
 
 def run_config(*dataclasses_) -> dict:
@@ -99,12 +99,9 @@ def run_config(*dataclasses_) -> dict:
 
 def launch(main, dataclass_types: tuple[type, ...]) -> None:
     """Parse the recipe's arguments and run it; a problem the user can fix ends in one line, not a traceback."""
-    from .confidence import ConfidenceError
     from .configs import ModelArguments, parse_args
-    from .data import DataError
-    from .evaluation.errors import EvalError
-    from .model import ModelLoadError, quantization_config
-    from .padding_free import PaddingFreeError, check_attention
+    from .model import quantization_config
+    from .padding_free import check_attention
 
     parsed = parse_args(dataclass_types)
     padding_free = any(getattr(args, "padding_free", False) for args in parsed)
@@ -115,7 +112,7 @@ def launch(main, dataclass_types: tuple[type, ...]) -> None:
                 if padding_free:
                     check_attention(args.attn_implementation)
         main(*parsed)
-    except (DataError, ModelLoadError, ConfidenceError, PaddingFreeError, hub.PublishError, EvalError) as error:
+    except SFTMixError as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -1,20 +1,19 @@
 """`SFTMixTrainer`: TRL's `SFTTrainer` with paired confident/unconfident batches and the Mixup regulariser.
 
-It builds on `NTPTrainer` (TRL's `SFTTrainer` resuming in the dtypes the run started with, shared with the NTP
-recipe).
+It builds on `NTPTrainer` (TRL's `SFTTrainer` that resumes in the dtypes the run started with and keeps `max_length`
+under `padding_free`, shared with the NTP recipe), and overrides these hooks, leaving the rest to TRL:
 
-It overrides four hooks and leaves the rest to TRL:
+- `_set_signature_columns_if_needed`: keeps the row index column that pairs and lambdas are keyed on;
 - `_get_train_sampler`: the `PairedSampler` (rows 2k and 2k+1 of every micro-batch are pair k), length-aware with
   `train_sampling_strategy: group_by_length`;
-- `get_train_dataloader`: with `tokens_per_micro_batch`, micro-batches of whole pairs up to a token budget
-  (`_get_train_batch_sampler`, a `TokenBudgetBatchSampler`);
+- `get_train_dataloader`: with `tokens_per_micro_batch`, micro-batches of whole pairs up to a token budget;
+- `_run_epoch`: sets the paired sampler's epoch, which a resumed multi-process run does not reach otherwise;
 - `_get_num_items_in_batch`: also counts the mixed positions of the accumulation window (and across processes), so
   the Mixup term is normalised over the global batch exactly like TRL normalises the NTP loss;
 - `compute_loss`: TRL's own NTP loss from one forward of the wrapped model, plus `mixup_weight * mixup_loss` on the
-  final hidden states captured from that same forward by a hook on the backbone;
-- `log`/metrics: NTP and Mixup parts, mean lambda, NTP loss of each half, and `mixup_token_share`: the share of the
-  response tokens that enter the Mixup term (each mixed position takes one token of each sequence of its pair, so
-  2 x mixed positions / response tokens; 1 when every pair's responses have equal lengths).
+  final hidden states captured from that same forward by a hook on the backbone, and the metrics: NTP and Mixup
+  parts, mean lambda, NTP loss of each half, and `mixup_token_share` (2 x mixed positions / response tokens).
+
 Evaluation is TRL's plain NTP loss. With `padding_free`, a micro-batch is one row of examples laid end to end; the
 Mixup term, its count and the per-half metrics first put each example back on its own right-padded row, so they are
 those of the padded path.
@@ -30,10 +29,8 @@ from functools import partial
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers.trainer_utils import seed_worker
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID, has_multi_turn
@@ -42,6 +39,7 @@ from .ntp_trainer import NTPTrainer
 from .padding_free import sequence_lengths, unflatten
 from .sampler import PairedSampler, TokenBudgetBatchSampler
 from .sftmix_config import SFTMixConfig, unsupported_parallelism
+from .sharded import lm_head
 
 logger = logging.getLogger(__name__)
 ROW = "sftmix_row"  # dataset row index carried through the collator, for lambda seeding and error messages
@@ -62,17 +60,43 @@ class _KeepRowIndex:
 
 
 class SFTMixTrainer(NTPTrainer):
+    """Trainer for SFTMix stage 2: NTP plus a Mixup regulariser over confident/unconfident pairs (Xiao et al., 2024).
+
+    Every micro-batch holds K confident and K unconfident examples, paired; the loss is `L_ntp + mixup_weight *
+    L_mix`, where `L_mix` interpolates the final hidden states of each pair with lambda ~ Beta(alpha, alpha) and
+    scores the mixture against both pairs' tokens (`sftmix_trl.mixup.mixup_loss`).
+
+    Args:
+        model: as for `SFTTrainer` (a model, or a model id TRL loads); a 4-bit base with `peft_config` for QLoRA.
+        args (`SFTMixConfig`): TRL's `SFTConfig` plus the SFTMix fields (`mixup_weight`, `mixup_alpha`, ...).
+        train_dataset: the training data with the `example_id` column `sftmix_trl.data.load_datasets` adds.
+        confidence (`ConfidenceTable`): the stage-1 table that splits `train_dataset` into the two halves
+            (`sftmix_trl.confidence.compute_confidence`, or `ConfidenceTable.load(folder)`).
+        **kwargs: as for `SFTTrainer` (`eval_dataset`, `processing_class`, `peft_config`, `callbacks`, ...).
+
+    Example:
+
+    ```python
+    from datasets import Dataset
+    from peft import LoraConfig
+    from sftmix_trl import ConfidenceTable, SFTMixConfig, SFTMixTrainer
+
+    dataset = Dataset.from_list([{"example_id": str(i), "prompt": ..., "completion": ...} for i in range(64)])
+    trainer = SFTMixTrainer(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        args=SFTMixConfig(output_dir="out", per_device_train_batch_size=8, mixup_weight=0.2),
+        train_dataset=dataset,
+        confidence=ConfidenceTable.load("out/confidence"),
+        peft_config=LoraConfig(r=16, target_modules="all-linear"),
+    )
+    trainer.train()
+    ```
+    """
+
     _tag_names = ["trl", "sft", "sftmix"]
     _name = "SFTMix"
 
     def __init__(self, model, args: SFTMixConfig, train_dataset, confidence: ConfidenceTable, **kwargs):
-        """
-        Args:
-            model, train_dataset, **kwargs: as for `SFTTrainer`. `train_dataset` must keep the `example_id` column
-                (`sftmix_trl.data.load_datasets` adds it).
-            args: an `SFTMixConfig`.
-            confidence: the stage-1 table (`sftmix_trl.confidence.compute_confidence` or `ConfidenceTable.load`).
-        """
         if not isinstance(args, SFTMixConfig):
             raise TypeError(f"SFTMixTrainer needs an SFTMixConfig, got {type(args).__name__}")
         if EXAMPLE_ID not in train_dataset.column_names:
@@ -115,6 +139,7 @@ class SFTMixTrainer(NTPTrainer):
 
     # -- data -----------------------------------------------------------------------------------------------------------
 
+    # Hook: the row index survives `remove_unused_columns` (pairs and lambdas are keyed on it)
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if ROW not in self._signature_columns:
@@ -133,6 +158,7 @@ class SFTMixTrainer(NTPTrainer):
             self._lengths = (lengths, responses)
         return self._lengths
 
+    # Hook: confident/unconfident pairs instead of a random order
     def _get_train_sampler(self, train_dataset=None, pairs_per_global_batch=None, mega_batch_factor=50):
         length_aware = self.args.train_sampling_strategy == "group_by_length"
         lengths, responses = self._row_lengths() if length_aware else (None, None)
@@ -165,6 +191,7 @@ class SFTMixTrainer(NTPTrainer):
         batch_sampler.plan(epochs)
         return batch_sampler
 
+    # Hook: with a token budget, batches of whole pairs of varying count
     def get_train_dataloader(self) -> DataLoader:
         if self.args.tokens_per_micro_batch is None:
             return super().get_train_dataloader()
@@ -185,6 +212,7 @@ class SFTMixTrainer(NTPTrainer):
         # accelerate wraps the batch sampler in `BatchSamplerShard`: rank r gets micro-batches r, r + P, ...
         return self.accelerator.prepare(loader)
 
+    # Hook: the paired sampler learns the epoch on every path, resumed multi-process runs included
     def _run_epoch(self, model, epoch, *args, **kwargs):
         # A resumed multi-process run wraps the sampler in SkipBatchSampler(BatchSamplerShard(...)), which accelerate's
         # and the Trainer's `set_epoch` do not reach: the sampler would replay epoch 0's pairs. Set it here.
@@ -201,6 +229,7 @@ class SFTMixTrainer(NTPTrainer):
         lengths = self._example_lengths(batch, len(batch[ROW]))
         return batch["labels"] if lengths is None else unflatten(batch["labels"], lengths, IGNORE_INDEX)
 
+    # Hook: the Mixup term's normaliser is counted over the accumulation window as TRL counts the NTP one
     def _get_num_items_in_batch(self, batch_samples, device):
         num_items = super()._get_num_items_in_batch(batch_samples, device)
         mixed = sum(count_mixed_positions(self._paired_labels(batch)) for batch in batch_samples).to(device)
@@ -280,6 +309,7 @@ class SFTMixTrainer(NTPTrainer):
 
     # -- loss -----------------------------------------------------------------------------------------------------------
 
+    # Hook: NTP (TRL's) + mixup_weight x Mixup, from one forward
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop(ROW, None)
         if rows is None or not self.model.training:  # evaluation: plain NTP, exactly as SFTTrainer reports it
@@ -290,15 +320,9 @@ class SFTMixTrainer(NTPTrainer):
         lengths = self._example_lengths(inputs, len(rows))
         if lengths is not None:  # one right-padded row per example again: the pairs and positions of the padded path
             hidden, labels = unflatten(hidden, lengths), unflatten(labels, lengths, IGNORE_INDEX)
-        _, causal_lm = self._causal_lm(model)
-        head = causal_lm.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards the head: the loss reads it whole, like TRL's fused head
-            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
         lam = self._draw_lambdas(rows)
         grad = self.args.mixup_weight > 0 and torch.is_grad_enabled()
-        # maybe_gather_lm_head_ctx: under ZeRO-3 the head's weight is a 0-size shard outside its own forward
-        with torch.set_grad_enabled(grad), maybe_gather_lm_head_ctx(weight, bias):
+        with torch.set_grad_enabled(grad), lm_head(model) as (weight, bias):  # whole under FSDP2 and ZeRO-3 too
             if not self._engine_logged:  # what wraps the model and the head the loss uses (gathered), once per run
                 self._engine_logged = True
                 logger.info(

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch.distributed.tensor import DTensor, distribute_tensor
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
@@ -134,3 +135,25 @@ def scoring_module(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         return model.module
     return model
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers `*ForCausalLM` inside any wrapper (DDP, FSDP, DeepSpeed) and any `PeftModel`."""
+    inner = extract_model_from_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+@contextmanager
+def lm_head(model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The LM head's (weight (V, D), bias (V,) or None), whole inside the block whatever engine shards them, for a
+    projection computed outside the head's own forward (the Mixup loss, the scoring of response positions).
+
+    FSDP2 keeps the head a sharded `DTensor` outside its forward: it is read whole (`full_tensor`, differentiable, as
+    TRL's fused head does). DeepSpeed ZeRO-3 leaves a 0-size placeholder: TRL's `maybe_gather_lm_head_ctx` gathers it
+    for the block. FSDP1 and plain models: the parameters as they are."""
+    head = causal_lm(model).get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):
+        weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+    with maybe_gather_lm_head_ctx(weight, bias):
+        yield weight, bias

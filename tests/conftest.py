@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from sftmix_trl.runs import launch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub: fail fast instead of waiting on it
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "data" / "demo"
@@ -101,3 +103,17 @@ def run_recipe(recipe: str, *args: str, num_processes: int = 1, env: dict | None
     ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def recipe_stop_message(main, types, argv: list[str], monkeypatch) -> str:
+    """What `launch` stops a recipe with (the one-line error), run in this process."""
+    monkeypatch.setattr(sys, "argv", ["recipe.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        launch(main, types)
+    return str(stop.value)
+
+
+def demo_argv(recipe: str, tiny_model, out, *extra: str) -> list[str]:
+    """Command-line arguments of a demo recipe on the tiny model."""
+    config = f"configs/demo/{recipe}_qlora.yaml"
+    return ["--config", config, "--model_name_or_path", str(tiny_model), "--output_dir", str(out), *extra]

@@ -157,7 +157,7 @@ def _confidence_args(tmp_path, **overrides):
 
 
 def test_compute_confidence_in_4bit_resumes_and_reuses(tiny_model, demo_subset, tmp_path, monkeypatch):
-    import sftmix_trl.confidence as confidence_module
+    import sftmix_trl.confidence.reference as confidence_module
 
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=True)
     args = _confidence_args(tmp_path)

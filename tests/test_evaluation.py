@@ -684,3 +684,10 @@ def test_two_processes_give_the_single_process_results(tiny_model, tmp_path, mon
         ]
         if task == "ifeval":
             assert [r["response"] for r in rows[0]] == [r["response"] for r in rows[1]]
+
+
+def test_evaluation_max_length_that_leaves_no_scored_token_is_refused_before_loading():
+    from sftmix_trl.evaluation import EvalArguments, EvalError
+
+    with pytest.raises(EvalError, match=r"`max_length` must be >= 2"):
+        EvalArguments(tasks=["perplexity"], perplexity_data="data/demo/health_qa.json", max_length=1)

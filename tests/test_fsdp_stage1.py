@@ -84,7 +84,8 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
     from accelerate import PartialState
     from peft import LoraConfig, get_peft_model
 
-    from sftmix_trl.confidence import _check_snapshot, _SnapshotCallback, length_grouped_batches, score_perplexities
+    from sftmix_trl.confidence import length_grouped_batches, score_perplexities
+    from sftmix_trl.confidence.reference import _check_snapshot, _SnapshotCallback
     from sftmix_trl.sharded import gather_adapter_state, load_adapter_state
 
     state = PartialState(cpu=True)
@@ -190,7 +191,7 @@ def test_scoring_goes_through_a_sharding_wrapper_prepared_once_and_not_through_d
 
     import torch
 
-    from sftmix_trl.confidence import _scoring_model
+    from sftmix_trl.confidence.reference import _scoring_model
 
     bare, sharded = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     prepared = []
@@ -211,7 +212,8 @@ def test_an_empty_snapshot_is_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sftmix_trl.confidence import ConfidenceError, _check_snapshot
+    from sftmix_trl.confidence import ConfidenceError
+    from sftmix_trl.confidence.reference import _check_snapshot
 
     for name, tensors in (("empty", {}), ("unsharded", {"a.lora_A.weight": torch.zeros(0)})):
         folder = tmp_path / "confidence" / "snapshots" / name

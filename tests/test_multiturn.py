@@ -30,7 +30,7 @@ from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data import EXAMPLE_ID, DataError, example_fingerprint, has_multi_turn, load_datasets
 from sftmix_trl.data_checks import check_training_data
 from sftmix_trl.mixup import mixed_position_masks
-from sftmix_trl.model import ModelLoadError, load_model, load_tokenizer, lora_config
+from sftmix_trl.model import load_model, load_tokenizer, lora_config
 from sftmix_trl.sampler import PairedSampler
 from sftmix_trl.sftmix_config import SFTMixConfig
 from sftmix_trl.sftmix_trainer import SFTMixTrainer
@@ -186,7 +186,7 @@ def test_templates_without_markers_are_derived_or_refused_with_one_line(tiny_mod
         training_chat_template(tokenizer)
     plain = tmp_path / "plain.jinja"
     plain.write_text(tokenizer.chat_template)
-    with pytest.raises(ModelLoadError, match=r"no \{% generation %\} markers.*`assistant_turns: last`") as error:
+    with pytest.raises(ChatTemplateError, match=r"no \{% generation %\} markers.*`assistant_turns: last`") as error:
         load_tokenizer(model_args, False, str(plain), assistant_only_loss=True)
     assert "\n" not in str(error.value)
 

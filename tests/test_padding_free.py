@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sftmix_trl.confidence import _reference_args
+from sftmix_trl.confidence.reference import _reference_args
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data import load_datasets
 from sftmix_trl.mixup import IGNORE_INDEX, count_mixed_positions

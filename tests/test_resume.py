@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, run_recipe
 from safetensors.torch import load_file
 
@@ -93,3 +94,29 @@ def test_push_without_token_fails_in_one_line_after_saving(tiny_model, tmp_path)
     assert result.returncode != 0
     assert "error: push_to_hub: no Hugging Face token" in result.stdout + result.stderr
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_sft_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_model, tmp_path):
+    """A 4-bit base: TRL trains the adapter in bf16; resuming in float32 (PEFT's reload) would end elsewhere."""
+    args = ["--config", "configs/demo/sft_qlora.yaml", "--model_name_or_path", str(tiny_model),
+            "--max_train_examples", "16", "--eval_split_size", "0", "--eval_strategy", "no", "--max_length", "512",
+            "--lora_dropout", "0", "--logging_steps", "1", "--per_device_train_batch_size", "4", "--max_steps",
+            "24", "--learning_rate", "1e-2", "--save_strategy", "steps", "--save_steps", "4",
+            "--save_total_limit", "10"]  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_recipe("sft.py", *args, "--output_dir", str(full)).returncode == 0
+
+    process = launch_in_background("sft.py", *args, "--output_dir", str(cut))
+    checkpoint = cut / "checkpoint-8"
+    kill_when(process, lambda: (checkpoint / "trainer_state.json").is_file() and (cut / "checkpoint-12").exists())
+    assert not (cut / "adapter_model.safetensors").exists()  # really killed before the end
+    resumed = run_recipe("sft.py", *args, "--output_dir", str(cut), "--resume_from_checkpoint", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = load_file(full / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype == torch.bfloat16, name
+        np.testing.assert_allclose(got[name].float().numpy(), tensor.float().numpy(), rtol=1e-4, atol=1e-6)
+    history = json.loads((cut / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 25))

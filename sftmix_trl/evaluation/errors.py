@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import SFTMixError
 
-class EvalError(ValueError):
+
+class EvalError(SFTMixError):
     """Bad evaluation input (task list, data file, adapter folder, NLTK data); the message says what to change."""

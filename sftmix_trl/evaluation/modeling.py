@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from ..configs import ModelArguments
+from ..distributed import gather_by_index, shard
 from ..model import ModelLoadError, _check_model_path, disable_bnb_cpu_repack, load_model
 from .errors import EvalError
 
@@ -178,30 +178,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sharding over processes (one process: the identity)
-
-
-def shard(n: int) -> list[int]:
-    """The item indices this process handles: every world_size-th one."""
-    state = PartialState()
-    return list(range(state.process_index, n, state.num_processes))
-
-
-def gather(local: list[tuple[int, Any]], n: int) -> list[Any]:
-    """Every process's (index, result) pairs, in item order, on every process."""
-    state = PartialState()
-    pairs = gather_object(local) if state.num_processes > 1 else local
-    results: list[Any] = [None] * n
-    seen = [0] * n
-    for index, value in pairs:
-        results[index] = value
-        seen[index] += 1
-    if any(count != 1 for count in seen):
-        raise RuntimeError(f"gathered {sum(seen)} results for {n} items: a shard went missing")
-    return results
-
-
 def _progress(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, disable=not PartialState().is_local_main_process)
 
@@ -255,7 +231,7 @@ def generate_responses(
             local += list(zip(rows, replies))
     finally:
         tokenizer.padding_side = side
-    return gather(local, len(texts))
+    return gather_by_index(local, len(texts))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -362,4 +338,4 @@ def continuation_log_probs(
                 predicting = log_probs[j, first : first + len(tokens)]
                 target = torch.tensor(tokens, device=log_probs.device)[:, None]
                 local.append((i, predicting.gather(1, target).squeeze(1).double().cpu()))
-    return gather(local, len(plan))
+    return gather_by_index(local, len(plan))

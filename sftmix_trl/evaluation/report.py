@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
+
 RESULTS_JSON = "eval_results.json"
 RESULTS_MD = "eval_results.md"
 PACKAGES = (
@@ -41,12 +43,6 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _fmt(value) -> str:
@@ -84,13 +80,13 @@ def write_outputs(output_dir: str, payload: dict, samples: dict[str, list[dict]]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / RESULTS_JSON, out / RESULTS_MD]
-    _write(written[0], json.dumps(payload, indent=2, default=str) + "\n")
-    _write(written[1], markdown_table(payload))
+    atomic_write(written[0], json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write(written[1], markdown_table(payload))
     for stale in out.glob("samples_*.jsonl"):  # an earlier evaluation's tasks: not this run's figures
         if stale.stem.removeprefix("samples_") not in samples:
             stale.unlink()
     for task, rows in samples.items():
         path = out / f"samples_{task}.jsonl"
-        _write(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+        atomic_write(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
         written.append(path)
     return written

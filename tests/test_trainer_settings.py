@@ -1,4 +1,5 @@
-"""Settings that used to be accepted and then silently did nothing (or the wrong thing): each now works or is refused."""
+"""SFTMixTrainer settings that used to be accepted and then silently did nothing (or the wrong thing): each now works
+or is refused."""
 
 import json
 

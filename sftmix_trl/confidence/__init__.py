@@ -1,0 +1,71 @@
+"""SFTMix stage 1: per-example confidence from a lightweight reference pass, and the confident/unconfident split.
+
+A LoRA reference adapter (on the same 4-bit base by default) is trained with plain NTP on the training set. At C
+evenly spaced snapshots along that run, every example is scored in inference mode by the perplexity of its
+response (all the assistant turns of a multi-turn conversation); `confidence = -mean_c PPL_c`. The
+higher-confidence `confident_fraction` of the examples is D_c, the rest D_u.
+
+    config.py      `ConfidenceConfig`, the stage's settings
+    table.py       `ConfidenceTable`, the median split, and the metadata that says which data a table fits
+    scoring.py     `score_perplexities`: every example's response perplexity, sharded over the processes
+    reference.py   `compute_confidence`: the reference run, its snapshots, the scoring of each, the table
+
+Everything lands in one folder (`confidence_dir`):
+
+    run.json                      what the table is computed from; a rerun with other settings is refused
+    snapshots/step-<s>/           reference adapter weights at each snapshot (PEFT format, safetensors)
+    scores/step-<s>.parquet       per-snapshot perplexities, written as each scoring pass completes
+    confidence.parquet            the table: example_id, ppl_<c>..., confidence, subset, num_response_tokens
+    metadata.json                 run.json plus exclusions, times and throughput
+    confidence.png                the picture to look at before training
+
+A run killed at any point and started again redoes only what is missing. Writes are atomic (temporary file, then
+rename), so a file that exists is complete.
+"""
+
+from .config import ConfidenceConfig
+from .reference import compute_confidence, snapshot_steps
+from .scoring import ScoringStats, length_grouped_batches, score_perplexities
+from .table import (
+    CONFIDENT,
+    DATA_KEYS,
+    LABEL_KEYS,
+    METADATA_DEFAULTS,
+    METADATA_FILE,
+    PLOT_FILE,
+    RUN_FILE,
+    TABLE_FILE,
+    UNCONFIDENT,
+    ConfidenceError,
+    ConfidenceTable,
+    check_metadata,
+    dataset_fingerprint,
+    expected_metadata,
+    scores_all_turns,
+    split_confidence,
+)
+
+__all__ = [
+    "CONFIDENT",
+    "DATA_KEYS",
+    "LABEL_KEYS",
+    "METADATA_DEFAULTS",
+    "METADATA_FILE",
+    "PLOT_FILE",
+    "RUN_FILE",
+    "TABLE_FILE",
+    "UNCONFIDENT",
+    "ConfidenceConfig",
+    "ConfidenceError",
+    "ConfidenceTable",
+    "ScoringStats",
+    "check_metadata",
+    "compute_confidence",
+    "dataset_fingerprint",
+    "expected_metadata",
+    "length_grouped_batches",
+    "score_perplexities",
+    "scores_all_turns",
+    "snapshot_steps",
+    "split_confidence",
+]
