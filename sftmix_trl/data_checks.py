@@ -1,11 +1,13 @@
-"""Checks of the training data as TRL will train on it, run before anything is written to `output_dir`.
+"""The data prepared once, as TRL prepares it, and checked before anything is written to `output_dir`.
 
 TRL prepares the data inside `SFTTrainer.__init__` (chat template, completion mask, truncation at `max_length`, and
 the silent drop of examples that truncation leaves without a response token); the SFTMix recipes write the
-confidence folder before that. So the recipes call `check_training_data` right after loading the data and the
-tokenizer: it runs TRL's own preparation on the data (no model needed) and turns every count that would fail later
-(no example left, too few for the confidence split, for the reference's snapshots or for a micro-batch of pairs) into
-one `DataError` line.
+confidence folder before that. So the recipes call `check_training_data` (or `check_sftmix_data`) right after
+loading the data and the tokenizer: it runs TRL's own preparation on the data (no model needed), turns every count
+that would fail later (no example left, too few for the confidence split, for the reference's snapshots or for a
+micro-batch of pairs) into one `DataError` line, and returns the prepared sets. The recipes hand those to the
+trainers, which then skip their own preparation (`TruncatingSFTTrainer` recognises a prepared dataset): the data is
+tokenised once per run (twice when the stage-1 reference has a tokenizer of its own).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -24,6 +27,15 @@ from trl.data_utils import _tokenize
 from .data import EXAMPLE_ID, DataError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Datasets as the trainers train on them: tokenised, labelled, truncated, with `example_id` kept."""
+
+    train: Dataset
+    eval: Dataset | None = None
+    reference_train: Dataset | None = None  # as the stage-1 reference trains on and scores it (its tokenizer)
 
 
 def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SFTTrainer, name: str = "train"):
@@ -39,9 +51,8 @@ def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SF
         if args.completion_only_loss is None
         else args.completion_only_loss
     )
-    args = copy.copy(args)
-    args.shuffle_dataset = False  # counts only; keep the rows in order
-    return preparer._prepare_dataset(dataset, tokenizer, args, args.packing, None, name)
+    packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+    return preparer._prepare_dataset(dataset, tokenizer, copy.copy(args), packing, None, name)
 
 
 def _too_few(dataset: Dataset, prepared: Dataset, tokenizer, args, what: str, purpose: str, needed: int) -> DataError:
@@ -82,7 +93,7 @@ def check_training_data(
     pairs_per_device: int | None = None,
     trainer_class: type = SFTTrainer,
     table_given: bool = False,
-) -> Dataset:
+) -> PreparedData:
     """Fail with one `DataError` line, before any write, when the data cannot train as configured.
 
     Args:
@@ -96,7 +107,7 @@ def check_training_data(
         trainer_class: the trainer that will prepare the data.
 
     Returns:
-        the prepared training set (for logging and tests; the trainer prepares its own copy).
+        the prepared training and held-out sets, for the trainer (which then does not prepare them again).
     """
     from .confidence import TABLE_FILE, split_confidence
 
@@ -113,6 +124,7 @@ def check_training_data(
             len(train_dataset),
             training_args.max_length,
         )
+    prepared_eval = None
     if eval_dataset is not None:
         prepared_eval = prepare_like_trl(eval_dataset, tokenizer, training_args, trainer_class, "eval")
         if len(prepared_eval) == 0:
@@ -138,7 +150,7 @@ def check_training_data(
                 f"{len(unconfident)} unconfident, fewer than the {pairs_per_device} pairs of a micro-batch; lower "
                 "`per_device_train_batch_size` or add data"
             )
-    return prepared
+    return PreparedData(prepared, prepared_eval)
 
 
 def check_sftmix_data(
@@ -151,17 +163,20 @@ def check_sftmix_data(
     confidence_dir: str | None,
     trainer_class: type | None = None,
     table_given: bool = False,
-) -> None:
-    """`check_training_data` for the SFTMix recipes.
+) -> PreparedData:
+    """`check_training_data` for the SFTMix recipes; the data prepared once for each tokenizer.
 
     Stage 1 is checked with the reference's tokenizer (it prepares the data the reference scores); with
     `trainer_class` (the SFTMix recipe), stage 2 is checked with `tokenizer` too: the held-out set and the pairs of a
     micro-batch. `table_given`: the run reads an existing table (`confidence_table`) and trains no reference.
+    `reference_train` of the result is the training set prepared for the reference: `train` itself when both stages
+    share the tokenizer.
     """
     from .model import load_tokenizer
 
     reference = confidence_config.reference_model_name_or_path
     own_reference = bool(reference) and reference != model_args.model_name_or_path
+    stage1 = None
     if trainer_class is None or own_reference:  # stage 1 alone, or stage 1 with the reference's own tokenizer
         reference_tokenizer = tokenizer
         if own_reference:
@@ -172,7 +187,7 @@ def check_sftmix_data(
                 training_args.chat_template_path,
                 training_args.assistant_only_loss,
             )
-        check_training_data(
+        stage1 = check_training_data(
             train_dataset,
             reference_tokenizer,
             training_args,
@@ -181,15 +196,17 @@ def check_sftmix_data(
             confidence_dir,
             table_given=table_given,
         )
-    if trainer_class is not None:  # stage 2 (and stage 1 when both stages tokenise alike)
-        check_training_data(
-            train_dataset,
-            tokenizer,
-            training_args,
-            eval_dataset,
-            confidence_config,
-            confidence_dir,
-            pairs_per_device=training_args.pairs_per_device,
-            trainer_class=trainer_class,
-            table_given=table_given,
-        )
+    if trainer_class is None:
+        return PreparedData(stage1.train, None, stage1.train)
+    stage2 = check_training_data(  # stage 2 (and stage 1 when both stages tokenise alike)
+        train_dataset,
+        tokenizer,
+        training_args,
+        eval_dataset,
+        confidence_config,
+        confidence_dir,
+        pairs_per_device=training_args.pairs_per_device,
+        trainer_class=trainer_class,
+        table_given=table_given,
+    )
+    return PreparedData(stage2.train, stage2.eval, stage1.train if stage1 is not None else stage2.train)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 
+import pyarrow.compute as pc
 import torch
+from datasets import Dataset
 from trl import SFTTrainer
 
 from .errors import SFTMixError
@@ -77,14 +79,28 @@ def unflatten(flat: torch.Tensor, lengths: torch.Tensor, fill: float | int | boo
     return rows.masked_fill(~valid.view(num, width, *[1] * (flat.dim() - 2)), fill)
 
 
+def is_prepared(dataset, max_length: int | None) -> bool:
+    """Whether `dataset` is ready to train as it is: tokenised with labels (TRL's preparation, or `data_checks`),
+    every row within `max_length`. None (no dataset) counts as prepared."""
+    if dataset is None:
+        return True
+    if not isinstance(dataset, Dataset) or not {"input_ids", "labels"} <= set(dataset.column_names):
+        return False
+    if max_length is None or len(dataset) == 0:
+        return True
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"])
+    return pc.max(lengths).as_py() <= max_length
+
+
 class TruncatingSFTTrainer(SFTTrainer):
     """TRL's `SFTTrainer`, but `padding_free=True` keeps `max_length`.
 
     TRL truncates every example to `max_length` while preparing the dataset (and drops those left without a trainable
     token), yet refuses `padding_free` with a `max_length` and no packing, since its collator does not truncate. Here
     `max_length` is hidden from that one check, so preparation truncates exactly as on the padded path (same
-    `truncation_mode`, same examples dropped) and the collator only flattens. Without `padding_free` this is
-    `SFTTrainer` unchanged. The attention implementation is checked too (see `check_attention`).
+    `truncation_mode`, same examples dropped) and the collator only flattens. The attention implementation is checked
+    too (see `check_attention`). Datasets passed already prepared (`input_ids` and `labels`, within `max_length`:
+    what `data_checks` returns) are not prepared again. Otherwise this is `SFTTrainer` unchanged.
     """
 
     def __init__(self, model, args=None, **kwargs):
@@ -92,13 +108,24 @@ class TruncatingSFTTrainer(SFTTrainer):
             check_attention(model.config._attn_implementation)
         hide = args is not None and args.padding_free and not args.packing
         self._preparation_max_length = args.max_length if hide else None
+        # Datasets the recipe already prepared (`data_checks`) are not tokenised again
+        skip = args is not None and all(
+            is_prepared(kwargs.get(name), args.max_length) for name in ("train_dataset", "eval_dataset")
+        )
+        dataset_kwargs = args.dataset_kwargs if args is not None else None
         if self._preparation_max_length is not None:
             args.max_length = None
+        if skip:
+            args.dataset_kwargs = {**(dataset_kwargs or {}), "skip_prepare_dataset": True}
         try:
             super().__init__(model, args=args, **kwargs)
         finally:
             if self._preparation_max_length is not None:
                 args.max_length = self._preparation_max_length
+            if skip:
+                args.dataset_kwargs = dataset_kwargs
+        if skip:  # a dataset handed to `evaluate` later is prepared as usual
+            self._skip_prepare_dataset = bool((dataset_kwargs or {}).get("skip_prepare_dataset"))
         if self.padding_free:  # a model TRL loaded from its name, or BFD packing (padding-free too)
             check_attention(self.accelerator.unwrap_model(self.model).config._attn_implementation)
 

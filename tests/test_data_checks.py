@@ -71,7 +71,7 @@ def test_the_check_prepares_the_data_exactly_as_the_trainer_does(tiny_model, tmp
     args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", gradient_checkpointing=False)
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     tokenizer = load_tokenizer(model_args)
-    checked = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer)
+    checked = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer).train
     trainer = NTPTrainer(
         model=load_model(model_args),
         args=args,
@@ -83,3 +83,58 @@ def test_the_check_prepares_the_data_exactly_as_the_trainer_does(tiny_model, tmp
     for column in ("example_id", "input_ids", "labels"):
         assert checked[column] == trainer.train_dataset[column]
     assert len(prepare_like_trl(long, tokenizer, args)) == 0
+
+
+def _tokenizing_passes(monkeypatch) -> list[str]:
+    """The descriptions of TRL's tokenising maps run from now on (each is one pass over a dataset)."""
+    import datasets
+
+    passes, original = [], datasets.Dataset.map
+
+    def counting(self, *args, **kwargs):
+        if (kwargs.get("desc") or "").startswith("Tokenizing"):
+            passes.append(kwargs["desc"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counting)
+    return passes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [sft_recipe, sftmix_recipe])
+def test_each_recipe_tokenises_the_data_once(tiny_model, tmp_path, monkeypatch, recipe):
+    """Data check, stage-1 reference and stage-2 trainer share one preparation of the train and held-out sets."""
+    passes = _tokenizing_passes(monkeypatch)
+    name = recipe.__name__.rsplit(".", 1)[1]
+    argv = demo_argv(name, tiny_model, tmp_path / "out", "--max_train_examples", "16", "--eval_split_size", "8")
+    argv += ["--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "4", "--reference_epochs"]
+    argv = argv[:-1] if name == "sft" else argv + ["1", "--reference_batch_size", "4"]
+    monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+    from sftmix_trl.runs import launch
+
+    launch(recipe.main, recipe.ARGUMENTS)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert passes == ["Tokenizing train dataset", "Tokenizing eval dataset"]
+
+
+def test_a_trainer_given_prepared_data_trains_on_it_unchanged(tiny_model, tmp_path):
+    """The prepared set skips TRL's preparation and is what the trainer trains on; raw data is still prepared."""
+    dataset = load_datasets(ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=6))[0]
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", gradient_checkpointing=False)
+    model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
+    tokenizer = load_tokenizer(model_args)
+    prepared = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer).train
+
+    def trained_on(train_dataset):
+        trainer = NTPTrainer(
+            model=load_model(model_args), args=args, train_dataset=train_dataset, processing_class=tokenizer
+        )
+        assert args.dataset_kwargs is None  # the caller's arguments are left as they were
+        return trainer.train_dataset
+
+    assert trained_on(prepared) is prepared  # not even copied
+    from_raw = trained_on(dataset)
+    for column in ("example_id", "input_ids", "labels"):
+        assert from_raw[column] == prepared[column]
+    too_long = prepared.map(lambda example: {"input_ids": example["input_ids"] * 40, "labels": example["labels"] * 40})
+    assert max(len(ids) for ids in trained_on(too_long)["input_ids"]) <= 64  # rows over max_length: prepared again

@@ -154,6 +154,7 @@ def compute_confidence(
     config: ConfidenceConfig,
     confidence_dir: str | os.PathLike,
     must_exist: bool = False,
+    prepared: Dataset | None = None,
 ) -> ConfidenceTable:
     """Run (or resume, or reuse) the reference pass and return the confidence table.
 
@@ -165,6 +166,8 @@ def compute_confidence(
         config: the reference pass settings.
         confidence_dir: folder of the artifact (see the package docstring).
         must_exist: only load (and check) a finished table; never train a reference.
+        prepared: `train_dataset` already prepared for the reference's tokenizer (`data_checks.check_sftmix_data`'s
+            `reference_train`), so that it is not tokenised again; None: the reference's trainer prepares it.
     """
     from ..model import load_tokenizer
 
@@ -190,7 +193,9 @@ def compute_confidence(
         raise ConfidenceError(f"no confidence table in {directory} (expected {directory / TABLE_FILE})")
     _claim(directory, expected)
     # 2. The reference run, unless all its snapshots are on disk already
-    trainer, snapshots = _reference_trainer(train_dataset, reference_args, training_args, config, tokenizer, directory)
+    trainer, snapshots = _reference_trainer(
+        train_dataset, prepared, reference_args, training_args, config, tokenizer, directory
+    )
     steps, times = _train_reference(trainer, snapshots, directory)
     # 3. Every example scored at every snapshot (each snapshot's scores are kept as they complete)
     prepared = trainer.train_dataset
@@ -233,7 +238,7 @@ def _claim(directory: Path, expected: dict) -> None:
         atomic_write(directory / RUN_FILE, json.dumps(expected, indent=2, default=str))
 
 
-def _reference_trainer(train_dataset, reference_args, training_args, config, tokenizer, directory: Path):
+def _reference_trainer(train_dataset, prepared, reference_args, training_args, config, tokenizer, directory: Path):
     """The reference's trainer (TRL's SFTTrainer; with padding_free, truncated to max_length as the padded path is)
     and its snapshot callback."""
     from ..model import load_model, lora_config
@@ -245,7 +250,7 @@ def _reference_trainer(train_dataset, reference_args, training_args, config, tok
     trainer = TruncatingSFTTrainer(
         model=load_model(reference_args, training_args.trust_remote_code),
         args=reference_training_args,
-        train_dataset=train_dataset,
+        train_dataset=train_dataset if prepared is None else prepared,
         processing_class=tokenizer,
         peft_config=lora_config(reference_args),
         callbacks=[snapshots],

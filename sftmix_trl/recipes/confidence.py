@@ -36,8 +36,12 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         training_args.chat_template_path,
         training_args.assistant_only_loss,
     )
-    check_sftmix_data(train_dataset, None, tokenizer, model_args, training_args, config, training_args.confidence_dir)
-    table = compute_confidence(train_dataset, model_args, training_args, config, training_args.confidence_dir)
+    data = check_sftmix_data(
+        train_dataset, None, tokenizer, model_args, training_args, config, training_args.confidence_dir
+    )
+    table = compute_confidence(
+        train_dataset, model_args, training_args, config, training_args.confidence_dir, prepared=data.reference_train
+    )
     meta = table.metadata
     logger.info(
         "confidence table: %d scored (%d confident, %d unconfident), %d excluded; see %s/confidence.png",

@@ -39,15 +39,16 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         training_args.chat_template_path,
         training_args.assistant_only_loss,
     )
-    check_training_data(train_dataset, tokenizer, training_args, eval_dataset, trainer_class=NTPTrainer)
+    # The data prepared once, as TRL would, and checked before any write
+    data = check_training_data(train_dataset, tokenizer, training_args, eval_dataset, trainer_class=NTPTrainer)
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
     trainer = NTPTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )

@@ -46,7 +46,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         training_args.chat_template_path,
         training_args.assistant_only_loss,
     )
-    check_sftmix_data(
+    data = check_sftmix_data(  # the data prepared once, as TRL would, and checked before any write
         train_dataset,
         eval_dataset,
         tokenizer,
@@ -64,6 +64,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         confidence_config,
         table_dir,
         must_exist=training_args.confidence_table is not None,
+        prepared=data.reference_train,
     )
     model = load_model(model_args, training_args.trust_remote_code)
 
@@ -71,9 +72,9 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     trainer = SFTMixTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=data.train,
         confidence=table,
-        eval_dataset=eval_dataset,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
