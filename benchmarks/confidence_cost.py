@@ -54,7 +54,7 @@ def main() -> None:
         reference_epochs=1,
         num_confidence_checkpoints=3,
         scoring_batch_size=32,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         logging_steps=1000,
         learning_rate=2e-4,

@@ -60,7 +60,7 @@ def main() -> None:
         per_device_train_batch_size=8,
         max_length=None,
         padding_free=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         dataloader_pin_memory=False,
     )

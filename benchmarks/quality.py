@@ -93,7 +93,7 @@ def training_config(cls, args, seed: int, output_dir: Path, **extra):
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
         max_length=args.max_length,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=1,
         save_strategy="no",
         report_to="none",

@@ -127,7 +127,7 @@ def run_variant(case: str, variant: str, steps: int, warmup: int, out: Path) -> 
         max_steps=warmup + steps,
         logging_steps=1,
         save_strategy="no",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         learning_rate=1e-4,
         seed=0,
         confidence_dir=str(tmp / "unused"),

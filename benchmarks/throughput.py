@@ -152,7 +152,7 @@ def run_variant(variant: Variant, dataset, table, model_args, tokenizer, opts, w
         save_strategy="no",
         learning_rate=1e-4,
         seed=0,
-        gradient_checkpointing=cuda or opts.gradient_checkpointing,
+        activation_checkpointing=cuda or opts.gradient_checkpointing,
         dataloader_pin_memory=False,
     )
     if variant.method == "sftmix":

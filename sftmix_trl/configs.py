@@ -83,6 +83,7 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
+        check_choices(self)
         if isinstance(self.dataset_mixture, str):
             self.dataset_mixture = _read_mixture(self.dataset_mixture)
         if self.dataset_name is None and self.dataset_mixture is None:
@@ -126,6 +127,29 @@ class ModelArguments(ModelConfig):
         },
     )
 
+    def __post_init__(self):
+        check_choices(self)
+        super().__post_init__()
+
+
+def check_choices(config) -> None:
+    """Refuse a field value outside the field's documented `choices`, for configs built in Python or from a YAML file
+    (argparse checks only the command line): a typo such as `mixup_lambda_per: batches` must not run the default."""
+    from enum import Enum
+
+    from .errors import SFTMixError
+
+    for spec in fields(config):
+        choices = spec.metadata.get("choices")
+        value = getattr(config, spec.name, None)
+        if not choices or value is None:
+            continue
+        allowed = [c.value if isinstance(c, Enum) else c for c in choices]
+        if (value.value if isinstance(value, Enum) else value) not in allowed:
+            close = difflib.get_close_matches(str(value), [str(c) for c in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SFTMixError(f"`{spec.name}` must be one of {allowed}, got {value!r}{hint}")
+
 
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -139,7 +163,26 @@ class SFTConfig(trl.SFTConfig):
     laptop and on a GPU unchanged. Without CUDA, `use_cpu` is set, so that several CPU processes train as one group.
     """
 
+    # TRL's default is True under the old name, which makes transformers warn on every run that the name is
+    # deprecated; unset here, and TRL's True applies under the new name unless the user sets either
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (about 20% slower). Default: True, as "
+            "in TRL.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing`.", "nargs": "?", "const": True},
+    )
+
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        check_choices(self)
         if self.bf16 is None and not self.fp16:
             self.bf16 = bf16_supported()
         if not torch.cuda.is_available() and not torch.backends.mps.is_available():

@@ -112,6 +112,13 @@ def check_training_data(
     from .confidence import TABLE_FILE, split_confidence
 
     needed = 2 if confidence_config is not None else 1
+    run_trainer = confidence_config is None or pairs_per_device is not None  # not the stage-1 reference alone
+    if run_trainer and eval_dataset is None and str(getattr(training_args.eval_strategy, "value", "no")) != "no":
+        # transformers refuses it only when the trainer is built: after stage 1 in an SFTMix run
+        raise DataError(
+            f"eval_strategy={training_args.eval_strategy.value!r} needs held-out data: set `eval_split_size` (a "
+            "fraction or a count), or `eval_strategy: no`"
+        )
     prepared = prepare_like_trl(train_dataset, tokenizer, training_args, trainer_class)
     if len(prepared) < needed:
         purpose = "training" if confidence_config is None else "the confidence split"

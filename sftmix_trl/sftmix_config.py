@@ -119,6 +119,22 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
             raise ValueError(problem)
         if self.confidence_dir is None:
             self.confidence_dir = os.path.join(self.output_dir, "confidence")
+        if self.push_confidence_table:  # the upload takes <output_dir>/confidence/confidence.parquet
+            table_dir = os.path.abspath(os.path.expanduser(self.confidence_table or self.confidence_dir))
+            if not self.push_to_hub:
+                raise ValueError("`push_confidence_table` uploads the table with the adapter: set `push_to_hub: true`")
+            if table_dir != os.path.abspath(os.path.join(os.path.expanduser(self.output_dir), "confidence")):
+                raise ValueError(
+                    f"`push_confidence_table` uploads <output_dir>/confidence/, but the table is in {table_dir}: "
+                    "leave `confidence_dir` and `confidence_table` unset, or upload that folder yourself"
+                )
+        if self.confidence_table is not None and not os.path.isfile(
+            os.path.join(os.path.expanduser(self.confidence_table), "confidence.parquet")
+        ):
+            raise ValueError(
+                f"`confidence_table`: no finished table in {self.confidence_table} (expected confidence.parquet there); "
+                "leave it unset to compute one in `confidence_dir`"
+            )
 
     @property
     def pairs_per_device(self) -> int:

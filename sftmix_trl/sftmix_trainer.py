@@ -166,7 +166,9 @@ class SFTMixTrainer(NTPTrainer):
             self.confident_rows,
             self.unconfident_rows,
             pairs_per_global_batch=pairs_per_global_batch or self.args.pairs_per_device * self.args.world_size,
-            seed=self.args.seed,
+            seed=self.args.data_seed
+            if self.args.data_seed is not None
+            else self.args.seed,  # as transformers' samplers
             lengths=lengths,
             response_lengths=responses,
             mega_batch_factor=mega_batch_factor,

@@ -149,7 +149,7 @@ def _confidence_args(tmp_path, **overrides):
         max_length=96,
         reference_batch_size=4,
         scoring_batch_size=8,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=1,
     )
     values.update(overrides)

@@ -68,7 +68,7 @@ def test_the_check_prepares_the_data_exactly_as_the_trainer_does(tiny_model, tmp
     from datasets import concatenate_datasets
 
     dataset = concatenate_datasets([short, long])
-    args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", gradient_checkpointing=False)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", activation_checkpointing=False)
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     tokenizer = load_tokenizer(model_args)
     checked = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer).train
@@ -120,7 +120,7 @@ def test_each_recipe_tokenises_the_data_once(tiny_model, tmp_path, monkeypatch, 
 def test_a_trainer_given_prepared_data_trains_on_it_unchanged(tiny_model, tmp_path):
     """The prepared set skips TRL's preparation and is what the trainer trains on; raw data is still prepared."""
     dataset = load_datasets(ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=6))[0]
-    args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", gradient_checkpointing=False)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", activation_checkpointing=False)
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     tokenizer = load_tokenizer(model_args)
     prepared = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer).train

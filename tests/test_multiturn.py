@@ -249,7 +249,7 @@ def test_confidence_table_records_the_scored_turns_and_refuses_another_setting(t
         per_device_train_batch_size=4,
         reference_batch_size=4,
         num_confidence_checkpoints=1,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     every = load(tmp_path, records)
@@ -299,7 +299,7 @@ def test_zero_mixup_weight_equals_trl_assistant_only_loss_on_the_same_multi_turn
         learning_rate=1e-2,
         logging_steps=1,
         save_strategy="no",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=7,
         assistant_only_loss=True,
     )

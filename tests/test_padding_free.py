@@ -159,7 +159,7 @@ def test_zero_mixup_weight_padding_free_equals_trl_padding_free(tiny_model, data
         per_device_train_batch_size=4,
         padding_free=True,
         max_length=None,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=7,
     )
     trl = build(tiny_model, dataset, trl_args, trainer_cls=SFTTrainer)

@@ -40,7 +40,7 @@ def make_args(tmp_path, **overrides) -> SFTMixConfig:
         learning_rate=1e-2,
         logging_steps=1,
         save_strategy="no",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=7,
     )
     values.update(overrides)

@@ -35,7 +35,7 @@ def make_args(tmp_path, **overrides) -> SFTMixConfig:
         report_to="none",
         per_device_train_batch_size=4,
         max_length=64,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=7,
     )
     return SFTMixConfig(**{**values, **overrides})

@@ -50,8 +50,11 @@ class ConfidenceConfig:
             raise ValueError(f"`num_confidence_checkpoints` must be >= 1, got {self.num_confidence_checkpoints}")
         if self.reference_epochs <= 0:
             raise ValueError(f"`reference_epochs` must be > 0, got {self.reference_epochs}")
-        if self.scoring_batch_size < 1 or self.reference_batch_size < 1:
-            raise ValueError("`scoring_batch_size` and `reference_batch_size` must be >= 1")
+        for name in ("scoring_batch_size", "reference_batch_size", "reference_gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.reference_learning_rate <= 0:
+            raise ValueError(f"`reference_learning_rate` must be > 0, got {self.reference_learning_rate}")
 
     def __post_init__(self):
         self.validate_confidence()
