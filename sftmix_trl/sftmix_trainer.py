@@ -16,8 +16,9 @@ It overrides four hooks and leaves the rest to TRL:
   response tokens that enter the Mixup term (each mixed position takes one token of each sequence of its pair, so
   2 x mixed positions / response tokens; 1 when every pair's responses have equal lengths).
 Evaluation is TRL's plain NTP loss. With `padding_free`, a micro-batch is one row of examples laid end to end; the
-Mixup term, its count and the per-half metrics first put each example back on its own right-padded row, so they are
-those of the padded path.
+Mixup term gathers its positions from that row by index (`padding_free.mixed_flat_positions`, the hidden states are
+never re-padded), and its count and the per-half metrics put the labels and per-token losses back on right-padded
+rows: all are those of the padded path.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID, has_multi_turn
-from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss
+from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss, mixup_loss_at
 from .ntp_trainer import NTPTrainer
-from .padding_free import sequence_lengths, unflatten
+from .padding_free import mixed_flat_positions, sequence_lengths, unflatten
 from .sampler import PairedSampler, TokenBudgetBatchSampler
 from .sftmix_config import SFTMixConfig, unsupported_parallelism
 
@@ -288,8 +289,6 @@ class SFTMixTrainer(NTPTrainer):
             ntp_loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T); padding-free (1, N, D), (1, N)
         lengths = self._example_lengths(inputs, len(rows))
-        if lengths is not None:  # one right-padded row per example again: the pairs and positions of the padded path
-            hidden, labels = unflatten(hidden, lengths), unflatten(labels, lengths, IGNORE_INDEX)
         _, causal_lm = self._causal_lm(model)
         head = causal_lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
@@ -307,18 +306,17 @@ class SFTMixTrainer(NTPTrainer):
                     self.accelerator.num_processes,
                     tuple(weight.shape),
                 )
-            mix_sum = mixup_loss(
-                hidden[0::2],
-                hidden[1::2],
-                labels[0::2],
-                labels[1::2],
-                weight,
-                lam,
-                lm_head_bias=bias,
-                chunk_size=self.args.mixup_chunk_size,
-                reduction="sum",
-            )
-        local_mixed = count_mixed_positions(labels)
+            common = dict(lm_head_bias=bias, chunk_size=self.args.mixup_chunk_size, reduction="sum")
+            if lengths is None:
+                mix_sum = mixup_loss(hidden[0::2], hidden[1::2], labels[0::2], labels[1::2], weight, lam, **common)
+                local_mixed = count_mixed_positions(labels)
+            else:  # the padded path's positions, gathered from the row: no (2K, T_max, D) copy
+                index_c, index_u, n = mixed_flat_positions(labels, lengths)
+                targets_c, targets_u = labels[0, index_c + 1], labels[0, index_u + 1]
+                mix_sum = mixup_loss_at(
+                    hidden[0, index_c], hidden[0, index_u], targets_c, targets_u, n, weight, lam, **common
+                )
+                local_mixed = n.sum()
         # Normalised like TRL's NTP loss: over the mixed positions of the whole accumulation window (and of every
         # process, scaled back up since DDP averages gradients) when the trainer counted them, else this micro-batch's
         mixed = self._num_mixed_in_batch if num_items_in_batch is not None else local_mixed
