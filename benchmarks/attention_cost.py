@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,12 +62,44 @@ def example_lengths(total: int, seed: int = 0) -> list[int]:
     return [n for n in lengths if n > 0]
 
 
-def peak_mib(device: str) -> float:
-    """Peak memory so far: the CUDA allocator's on a GPU, the process's resident set on a CPU."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakMemory:
+    """Peak memory added inside the block (MiB, in `.added`): the CUDA allocator's peak on a GPU; on a CPU the
+    resident set sampled every 0.2 ms by a thread (the process-lifetime peak would keep the warm-up's, or the
+    compiler's), relative to the resident set on entry."""
+
+    def __init__(self, device: str):
+        self.device, self.added = device, 0.0
+
+    @staticmethod
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated() / 2**20
+            return self
+        self.start, self.peak, self.running = self.rss_mib(), 0.0, True
+
+        def sample():
+            while self.running:
+                self.peak = max(self.peak, self.rss_mib())
+                time.sleep(0.0002)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.added = torch.cuda.max_memory_allocated() / 2**20 - self.start
+        else:
+            self.running = False
+            self.thread.join()
+            self.added = max(self.peak, self.rss_mib()) - self.start
 
 
 def attention_case(method: str, total: int, repeats: int, device: str = "cpu") -> dict:
@@ -97,7 +129,9 @@ def attention_case(method: str, total: int, repeats: int, device: str = "cpu") -
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
         def run():
-            block_mask = create_block_mask(mask_mod, None, None, total, total, device=device)
+            block_mask = create_block_mask(
+                mask_mod, None, None, total, total, device=device, _compile=True
+            )  # as transformers
             return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 
     elif method == "per_example_sdpa":
@@ -122,21 +156,19 @@ def attention_case(method: str, total: int, repeats: int, device: str = "cpu") -
     else:
         raise ValueError(method)
     with torch.no_grad():
-        run()  # warm-up: kernels loaded, allocator primed
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        before = peak_mib(device)
+        run()  # warm-up: kernels loaded (flex: compiled)
         times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = run()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            del out
-        added = peak_mib(device) - before
+        with PeakMemory(device) as memory:
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = run()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+                del out
+        added = memory.added
     return {"seconds": float(np.median(times)), "peak_added_mib": added, "examples": len(lengths)}
 
 
@@ -158,9 +190,7 @@ def mixup_case(method: str, hidden_size: int, num_examples: int, vocab: int, dev
     weight = torch.randn(vocab, hidden_size, device=device) * 0.02
     lam = torch.full((num_examples // 2,), 0.3)
     hidden = torch.randn(1, int(lengths.sum()), hidden_size, device=device, requires_grad=True)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = peak_mib(device)
+    memory = PeakMemory(device).__enter__()
     start = time.perf_counter()
     if method == "repadded":
         rows, row_labels = unflatten(hidden, lengths), unflatten(labels, lengths, IGNORE_INDEX)
@@ -170,8 +200,9 @@ def mixup_case(method: str, hidden_size: int, num_examples: int, vocab: int, dev
         y_c, y_u = labels[0, index_c + 1], labels[0, index_u + 1]
         loss = mixup_loss_at(hidden[0, index_c], hidden[0, index_u], y_c, y_u, n, weight, lam, reduction="sum")
     loss.backward()
-    added = peak_mib(device) - before
     seconds = time.perf_counter() - start
+    memory.__exit__(None, None, None)
+    added = memory.added
     return {
         "seconds": seconds,
         "peak_added_mib": added,
@@ -228,8 +259,8 @@ def main() -> None:
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
         + f". Attention: {HEADS} query heads, {KV_HEADS} KV heads, head dim {HEAD_DIM}, "
         f"{'bfloat16' if args.device == 'cuda' else 'float32'}, forward only; time the median of {args.repeats} "
-        "after one warm-up call (flex: its compilation); memory the peak the calls added (CPU: resident set, GPU: "
-        "allocator), a fresh process per figure. `flash_varlen` runs where the flash-attn package is installed.",
+        "after one warm-up call (flex: its compilation); memory the peak the timed calls added (CPU: resident set "
+        "sampled every 0.2 ms, GPU: allocator), a fresh process per figure. `flash_varlen` runs where the flash-attn package is installed.",
         "",
         "| row tokens | examples | method | seconds | peak added (MiB) | dense mask (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -13,7 +13,8 @@
 # On a machine set up with `make install`:   bash scripts/gpu_check.sh
 # On the offline GPU machine (../shared/GPU.md), prepare here, then carry `.gpu`:
 #     PYTHON=.venv/bin/python bash ../shared/tools/gpu_payload.sh .gpu
-#     mkdir -p .gpu/data/instruct && cp ../shared/data/instruct/alpaca_5000.json .gpu/data/instruct/
+#     mkdir -p .gpu/data/instruct .gpu/data/medical && cp ../shared/data/instruct/alpaca_5000.json .gpu/data/instruct/ \
+#         && cp ../shared/data/medical/medical_meadow_small.json .gpu/data/medical/   # throughput.py checks both
 # and run there:
 #     tar xzf .gpu/site.tgz -C /tmp && export PYTHONPATH=/tmp/gpusite:$PWD
 #     PY=python3 LAUNCH="python3 -m accelerate.commands.launch" bash scripts/gpu_check.sh
