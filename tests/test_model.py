@@ -213,3 +213,9 @@ def test_quantising_elsewhere_gives_the_same_base(model_args, batch, monkeypatch
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert plain(**batch).loss.item() == hooked(**batch).loss.item()
+
+
+def test_a_gpu_config_with_flex_attention_loads_with_sdpa_on_a_cpu(model_args):
+    """flex_attention has no backward on a CPU: the GPU configs' choice trains there with sdpa (examples apart too)."""
+    model = load_model(model_args(load_in_4bit=False, attn_implementation="flex_attention"))
+    assert model.config._attn_implementation == ("flex_attention" if torch.cuda.is_available() else "sdpa")
