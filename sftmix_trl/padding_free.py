@@ -3,7 +3,7 @@
 TRL's collator (`padding_free=True`) concatenates the examples of a micro-batch into a single row, restarts
 `position_ids` at 0 for each example and passes no `attention_mask`. The attention keeps the examples apart from the
 sequence boundaries: flash-attention through `cu_seq_lens` (its varlen kernel: cost sum of L^2, no mask), flex attention
-through a block mask built from `position_ids` (blocks of 128 x 128 that straddle no boundary are skipped; no dense
+through a block mask built from `position_ids` (128 x 128 blocks wholly outside every example are skipped; no dense
 mask), and sdpa/eager through the dense block-diagonal causal mask transformers builds from `position_ids` when there is
 no attention mask and no cache ((sum of L)^2 booleans, and no flash kernel behind it).
 
