@@ -1,25 +1,90 @@
 #!/usr/bin/env bash
-# GPU checks that CPU CI cannot make: bf16 + 4-bit on CUDA, the step-cost benchmark on the GPU, the recipes under DDP,
-# FSDP-QLoRA and DeepSpeed ZeRO-3 (both stages, on 1 GPU and on several), and stage 1 on 2 GPUs under each engine
-# against 1 GPU. Run from the repository root on a machine with N >= 1 GPUs, after `make install` (and
-# `pip install deepspeed` for the ZeRO-3 parts):
-#     bash scripts/gpu_check.sh            # all that the visible GPUs allow
-# On an offline GPU machine (../shared/GPU.md: bring .gpu/site.tgz and a model folder, e.g. a random-init model of
-# the demo shape built there from .gpu/smollm2/config.json), point the script at what is there:
-#     tar xzf .gpu/site.tgz -C /tmp && export PYTHONPATH=/tmp/gpusite:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-#     PY=python3 LAUNCH="python3 -m accelerate.commands.launch" MODEL=/tmp/smollm2-random bash scripts/gpu_check.sh
-# Results land in outputs/gpu_check/ and benchmarks/results/*_cuda.md.
-set -euo pipefail
+# GPU checks that CPU CI cannot make, in under 10 minutes on one GPU. Each part has its own timeout and writes its
+# status and figures as it goes (a check cut short keeps what it measured):
+#   benchmarks/results/gpu_check_cuda.md          every part: exit status, seconds, what it showed
+#   benchmarks/results/attention_cost_cuda.md     one padding-free row: sdpa dense mask vs flex block mask (vs flash)
+#   benchmarks/results/throughput_cuda_8b_*.md    Llama-3.1-8B shape (random init): real tokens/s and peak memory of
+#                                                 TRL NTP padding-free vs SFTMix padding-free on Alpaca lengths
+# Parts: (1) both stages on 1 GPU; (2) both stages under fsdp_qlora.yaml and deepspeed_zero3.yaml with 1 process;
+# (3) padding-free stage 2 with each attention path (sdpa, flex_attention, and flash_attention_2 /
+# kernels-community/flash-attn2 where their packages are importable); (4) attention cost; (5) 8B throughput; and with
+# 2+ GPUs, stage 1 on 2 GPUs under DDP / FSDP / ZeRO-3 against 1 GPU.
+#
+# On a machine set up with `make install`:   bash scripts/gpu_check.sh
+# On the offline GPU machine (../shared/GPU.md), prepare here, then carry `.gpu`:
+#     PYTHON=.venv/bin/python bash ../shared/tools/gpu_payload.sh .gpu
+#     mkdir -p .gpu/data/instruct .gpu/data/medical && cp ../shared/data/instruct/alpaca_5000.json .gpu/data/instruct/ \
+#         && cp ../shared/data/medical/medical_meadow_small.json .gpu/data/medical/   # throughput.py checks both
+# and run there:
+#     tar xzf .gpu/site.tgz -C /tmp && export PYTHONPATH=/tmp/gpusite:$PWD
+#     PY=python3 LAUNCH="python3 -m accelerate.commands.launch" bash scripts/gpu_check.sh
+# Without MODEL, a random-init model of the demo shape is built from .gpu/smollm2 (config and tokenizer).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
-PY=${PY:-$PY}
-read -r -a LAUNCH <<< "${LAUNCH:-"${LAUNCH[@]}"}"
-export PYTHONUNBUFFERED=1
+PY=${PY:-$BIN/python}
+read -r -a LAUNCH <<< "${LAUNCH:-$BIN/accelerate launch}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SFTMIX_DATA_DIR=${SFTMIX_DATA_DIR:-$([ -d .gpu/data ] && echo "$PWD/.gpu/data" || echo "$PWD/../shared/data")}
+OUT=outputs/gpu_check
+RESULTS=benchmarks/results
+REPORT=$RESULTS/gpu_check_cuda.md
+rm -rf "$OUT"  # a stage-1 table left by an earlier run would be reused, not recomputed
+mkdir -p "$OUT" "$RESULTS"
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 [ "$NGPU" -ge 1 ] || { echo "no CUDA device visible"; exit 1; }
-MODEL=${MODEL:-$($BIN/sftmix-trl-demo-model)}
-OUT=outputs/gpu_check
-rm -rf "$OUT"  # a stage-1 table left by an earlier run would be reused, not recomputed
+{
+  echo "# GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo
+  echo "\`bash scripts/gpu_check.sh\` on $($PY -c 'import torch; print(torch.cuda.get_device_name())') x $NGPU;" \
+       "torch $($PY -c 'import torch; print(torch.__version__)')," \
+       "transformers $($PY -c 'import transformers; print(transformers.__version__)')."
+  echo
+  echo "| part | exit | seconds | log |"
+  echo "| --- | --- | --- | --- |"
+} > "$REPORT"
+FAILED=0
+
+# part NAME TIMEOUT_S COMMAND...: run with its own timeout, log to $OUT/NAME.log, one row in the report
+part() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name (timeout ${limit}s)"
+  local start=$SECONDS
+  if declare -F "$1" > /dev/null; then  # a shell function (timeout runs programs only): it times its own python
+    TIMEOUT=$limit "$@" > "$OUT/$name.log" 2>&1
+  else
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  fi
+  local code=$?
+  echo "| $name | $code$([ $code = 124 ] && echo ' (timed out)') | $((SECONDS - start)) | $OUT/$name.log |" >> "$REPORT"
+  [ $code = 0 ] || { FAILED=1; tail -5 "$OUT/$name.log"; }
+  return $code
+}
+
+# A random-init model of the demo shape: real weights do not travel to the offline machine
+if [ -z "${MODEL:-}" ]; then
+  MODEL=$OUT/demo-random
+  part build_demo_model 120 $PY - "$MODEL" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+source = Path(".gpu/smollm2") if Path(".gpu/smollm2/config.json").is_file() else None
+if source is None:
+    from sftmix_trl.demo_model import prepare_demo_model
+    source = Path(prepare_demo_model())
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.bfloat16)
+model.save_pretrained(sys.argv[1])
+for file in source.iterdir():
+    if file.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+        shutil.copy(file, sys.argv[1])
+print("built", sys.argv[1])
+PYEOF
+fi
 SMALL=(--model_name_or_path "$MODEL" --max_train_examples 64 --eval_split_size 0 --eval_strategy no
        --max_steps 6 --save_strategy no --logging_steps 1 --overwrite_output_dir true)
 HAVE_DEEPSPEED=$($PY -c "import deepspeed" 2>/dev/null && echo 1 || echo 0)
@@ -28,7 +93,7 @@ HAVE_DEEPSPEED=$($PY -c "import deepspeed" 2>/dev/null && echo 1 || echo 0)
 # (bf16 over a different number of processes rounds differently), and the split is the same except for examples
 # whose confidence lies within that tolerance of the cut (random-init weights give near-equal perplexities).
 check_table() {  # check_table FOUND_DIR [REFERENCE_DIR]: the snapshots only, or the table against the reference too
-  $PY - "$1" "${2:-}" "${STAGE1_RTOL:-2e-2}" <<'PYEOF'
+  timeout "${TIMEOUT:-60}" $PY - "$1" "${2:-}" "${STAGE1_RTOL:-2e-2}" <<'PYEOF'
 import sys
 from pathlib import Path
 
@@ -61,65 +126,91 @@ assert not set(flips) - near, "the split differs beyond examples at the cut"
 PYEOF
 }
 
-echo "== 1 GPU: bf16 compute, 4-bit base, full SFTMix pipeline"
-"${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml recipes/sftmix.py \
+# (1) both stages, 1 GPU, bf16 + 4-bit
+part single_gpu_both_stages 150 "${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml recipes/sftmix.py \
     --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/single
-$PY -c "import json; h=json.load(open('$OUT/single/trainer_state.json'))['log_history']; \
-    assert all(x['loss'] == x['loss'] for x in h if 'loss' in x); print('losses', [round(x['loss'], 3) for x in h if 'loss' in x])"
+part single_gpu_table 30 check_table $OUT/single/confidence
 
-echo "== step cost and mixup memory on the GPU (benchmarks/results/step_cost_cuda.md)"
-$PY benchmarks/step_cost.py
-$PY benchmarks/confidence_cost.py
-
-echo "== real-data throughput, Llama-3.1-8B shape, padded vs padding-free vs token budgets (throughput_cuda_8b.md)"
-# needs the two data files under SFTMIX_DATA_DIR and the demo tokenizer at TOKENIZER (e.g. .gpu/smollm2)
-$PY benchmarks/throughput.py --device cuda --model llama-3.1-8b-shape --tokenizer "${TOKENIZER:-$MODEL}" \
-    --datasets alpaca --examples 512 --budgets 4096,8192,16384 --padded_budget 0 --repeats 1 --work_dir $OUT/throughput
-
-echo "== 1 GPU: the full recipe (both stages, no --confidence_table) under FSDP (4-bit base) and ZeRO-3 (16-bit)"
-"${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 1 recipes/sftmix.py \
-    --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/fsdp_1gpu --bnb_4bit_quant_storage bfloat16
-check_table $OUT/fsdp_1gpu/confidence
+# (2) both stages under FSDP-QLoRA and ZeRO-3, 1 process each
+part fsdp_qlora_both_stages 180 "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 1 \
+    recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/fsdp_1gpu \
+    --bnb_4bit_quant_storage bfloat16
+part fsdp_qlora_table 30 check_table $OUT/fsdp_1gpu/confidence
 if [ "$HAVE_DEEPSPEED" = 1 ]; then
-  "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 1 recipes/sftmix.py \
-      --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/zero3_1gpu --load_in_4bit false
-  check_table $OUT/zero3_1gpu/confidence
+  part zero3_both_stages 180 "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 1 \
+      recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/zero3_1gpu \
+      --load_in_4bit false
+  part zero3_table 30 check_table $OUT/zero3_1gpu/confidence
 else
-  echo "deepspeed not importable: ZeRO-3 launches skipped"
+  echo "| zero3_both_stages | skipped: deepspeed not importable | | |" >> "$REPORT"
 fi
+
+# (3) padding-free stage 2 with each attention path, on the table of (1)
+ATTENTIONS=(sdpa flex_attention)
+$PY -c "import flash_attn" 2>/dev/null && ATTENTIONS+=(flash_attention_2)
+$PY -c "import kernels" 2>/dev/null && ATTENTIONS+=(kernels-community/flash-attn2)  # needs the kernel in the HF cache
+for attention in "${ATTENTIONS[@]}"; do
+  part "padding_free_${attention//\//_}" 150 "${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml \
+      recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --padding_free true \
+      --attn_implementation "$attention" --output_dir "$OUT/pf_${attention//\//_}" --confidence_table $OUT/single/confidence
+done
+$PY - "$OUT" "${ATTENTIONS[@]}" >> "$REPORT" <<'PYEOF' || FAILED=1
+import json, sys
+from pathlib import Path
+
+out, names = Path(sys.argv[1]), sys.argv[2:]
+print("\n| padding-free attention | training losses (6 steps) |\n| --- | --- |")
+for name in names:
+    state = out / f"pf_{name.replace('/', '_')}" / "trainer_state.json"
+    losses = [round(x["loss"], 4) for x in json.loads(state.read_text())["log_history"] if "loss" in x] if state.is_file() else "no run"
+    print(f"| {name} | {losses} |")
+print()
+PYEOF
+
+# (4) one padding-free row: dense mask vs block mask (vs flash varlen) on the GPU
+part attention_cost 150 $PY benchmarks/attention_cost.py --device cuda --lengths 2048,4096,8192,16384,32768
+
+# (5) Llama-3.1-8B shape, 4-bit, padding-free on Alpaca lengths: TRL NTP vs SFTMix, each in its own process (peak)
+for variant in "TRL NTP, padding_free" "SFTMix, padding_free, random pairs"; do
+  tag=cuda_8b_$(echo "${variant%% *}" | tr 'A-Z' 'a-z')
+  part "throughput_${tag}" 200 $PY - "$variant" "$tag" "$OUT/throughput" "${TOKENIZER:-$MODEL}" <<'PYEOF'
+import runpy, sys
+
+import torch
+
+variant, tag, work, tokenizer = sys.argv[1:5]
+sys.argv = ["throughput.py", "--device", "cuda", "--model", "llama-3.1-8b-shape", "--tokenizer", tokenizer,
+            "--datasets", "alpaca", "--examples", "256", "--batch_size", "16", "--budgets", "", "--padded_budget", "0",
+            "--repeats", "1", "--only", variant, "--tag", tag, "--work_dir", work]
+torch.cuda.reset_peak_memory_stats()
+try:
+    runpy.run_path("benchmarks/throughput.py", run_name="__main__")
+finally:
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    with open(f"benchmarks/results/throughput_{tag}.md", "a") as handle:
+        handle.write(f"\nPeak GPU memory allocated in this process ({variant}): {peak:.2f} GiB\n")
+    print(f"peak allocated {peak:.2f} GiB")
+PYEOF
+done
 
 if [ "$NGPU" -ge 2 ]; then
-  echo "== stage 1 on 2 GPUs under DDP, FSDP (4-bit base) and ZeRO-3 (16-bit) = stage 1 on 1 GPU, same global batch"
+  # stage 1 on 2 GPUs under DDP, FSDP (4-bit base) and ZeRO-3 (16-bit) = stage 1 on 1 GPU, same global batch
   S1=(--config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --lora_dropout 0)  # dropout masks follow the sharding
-  "${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml recipes/confidence.py "${S1[@]}" \
+  part s1_one 150 "${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml recipes/confidence.py "${S1[@]}" \
       --output_dir $OUT/s1_one --reference_batch_size 8
-  "${LAUNCH[@]}" --config_file accelerate_configs/multi_gpu.yaml --num_processes 2 recipes/confidence.py "${S1[@]}" \
-      --output_dir $OUT/s1_ddp --reference_batch_size 4
-  check_table $OUT/s1_ddp/confidence $OUT/s1_one/confidence
-  "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 2 recipes/confidence.py "${S1[@]}" \
-      --output_dir $OUT/s1_fsdp --reference_batch_size 4 --bnb_4bit_quant_storage bfloat16
-  check_table $OUT/s1_fsdp/confidence $OUT/s1_one/confidence
+  part s1_ddp 150 "${LAUNCH[@]}" --config_file accelerate_configs/multi_gpu.yaml --num_processes 2 recipes/confidence.py \
+      "${S1[@]}" --output_dir $OUT/s1_ddp --reference_batch_size 4
+  part s1_ddp_table 30 check_table $OUT/s1_ddp/confidence $OUT/s1_one/confidence
+  part s1_fsdp 150 "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 2 \
+      recipes/confidence.py "${S1[@]}" --output_dir $OUT/s1_fsdp --reference_batch_size 4 --bnb_4bit_quant_storage bfloat16
+  part s1_fsdp_table 30 check_table $OUT/s1_fsdp/confidence $OUT/s1_one/confidence
   if [ "$HAVE_DEEPSPEED" = 1 ]; then
-    "${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml recipes/confidence.py "${S1[@]}" \
+    part s1_one16 150 "${LAUNCH[@]}" --config_file accelerate_configs/single_gpu.yaml recipes/confidence.py "${S1[@]}" \
         --output_dir $OUT/s1_one16 --reference_batch_size 8 --load_in_4bit false
-    "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 2 recipes/confidence.py \
-        "${S1[@]}" --output_dir $OUT/s1_zero3 --reference_batch_size 4 --load_in_4bit false
-    check_table $OUT/s1_zero3/confidence $OUT/s1_one16/confidence
-  fi
-
-  echo "== $NGPU GPUs: DDP, same global batch as 1 GPU"
-  "${LAUNCH[@]}" --config_file accelerate_configs/multi_gpu.yaml --num_processes "$NGPU" recipes/sftmix.py \
-      --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/ddp \
-      --per_device_train_batch_size 2 --confidence_table $OUT/single/confidence
-  echo "== FSDP with a 4-bit base (quant storage = compute dtype)"
-  "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes "$NGPU" recipes/sftmix.py \
-      --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/fsdp \
-      --bnb_4bit_quant_storage bfloat16 --per_device_train_batch_size 2 --confidence_table $OUT/single/confidence
-  if [ "$HAVE_DEEPSPEED" = 1 ]; then
-    echo "== DeepSpeed ZeRO-3 (16-bit base)"
-    "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes "$NGPU" \
-        recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/zero3 \
-        --load_in_4bit false --per_device_train_batch_size 2 --confidence_table $OUT/single/confidence
+    part s1_zero3 150 "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 2 \
+        recipes/confidence.py "${S1[@]}" --output_dir $OUT/s1_zero3 --reference_batch_size 4 --load_in_4bit false
+    part s1_zero3_table 30 check_table $OUT/s1_zero3/confidence $OUT/s1_one16/confidence
   fi
 fi
-echo "GPU checks passed"
+echo "report: $REPORT"
+[ "$FAILED" = 0 ] && echo "GPU checks passed" || { echo "some GPU checks failed (see $REPORT)"; exit 1; }

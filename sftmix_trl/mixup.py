@@ -126,23 +126,59 @@ def mixup_loss(
     Returns:
         A scalar; 0 with a gradient path to the hidden states when no pair has a mixed position.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden_confident.shape != hidden_unconfident.shape or labels_confident.shape != labels_unconfident.shape:
         raise ValueError("confident and unconfident inputs must have the same shapes (pad both to one length)")
     keep_c, keep_u, n = mixed_position_masks(labels_confident, labels_unconfident)
-    num_mixed = int(n.sum())
-    if num_mixed == 0:
+    return mixup_loss_at(
+        hidden_confident[:, :-1][keep_c],  # (M, D), pair-major then position order
+        hidden_unconfident[:, :-1][keep_u],
+        labels_confident[:, 1:][keep_c],  # (M,)
+        labels_unconfident[:, 1:][keep_u],
+        n,
+        lm_head_weight,
+        lam,
+        lm_head_bias=lm_head_bias,
+        chunk_size=chunk_size,
+        reduction=reduction,
+    )
+
+
+def mixup_loss_at(
+    hidden_confident: torch.Tensor,
+    hidden_unconfident: torch.Tensor,
+    targets_confident: torch.Tensor,
+    targets_unconfident: torch.Tensor,
+    num_mixed: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_size: int = 256,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The Mixup loss on positions already selected: `mixup_loss` without the (K, T, D) layout, so a caller holding
+    the hidden states in another layout (a padding-free row) gathers only the M mixed positions.
+
+    Args:
+        hidden_confident, hidden_unconfident: (M, D) hidden states of the mixed positions, pair-major then position
+            order (the n-th row of each is the n-th mixed position of its pair).
+        targets_confident, targets_unconfident: (M,) the tokens those positions predict.
+        num_mixed: (K,) mixed positions of each pair, summing to M.
+        lm_head_weight, lam, lm_head_bias, chunk_size, reduction: as for `mixup_loss`.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    total_mixed = int(num_mixed.sum())
+    if total_mixed == 0:
         return (hidden_confident.sum() + hidden_unconfident.sum()) * 0.0
-    h_c = hidden_confident[:, :-1][keep_c]  # (M, D), pair-major then position order
-    h_u = hidden_unconfident[:, :-1][keep_u]
-    y_c = labels_confident[:, 1:][keep_c]  # (M,)
-    y_u = labels_unconfident[:, 1:][keep_u]
-    lam_pos = lam.to(h_c.device, torch.promote_types(h_c.dtype, torch.float32)).repeat_interleave(n)  # (M,)
-    lam_h = lam_pos.to(h_c.dtype)[:, None]
-    z = lam_h * h_c + (1 - lam_h) * h_u  # (M, D)
-    total = _MixedHeadCrossEntropy.apply(z, lm_head_weight, lm_head_bias, y_c, y_u, lam_pos, chunk_size)
-    return total / num_mixed if reduction == "mean" else total
+    acc = torch.promote_types(hidden_confident.dtype, torch.float32)
+    lam_pos = lam.to(hidden_confident.device, acc).repeat_interleave(num_mixed.to(hidden_confident.device))  # (M,)
+    lam_h = lam_pos.to(hidden_confident.dtype)[:, None]
+    z = lam_h * hidden_confident + (1 - lam_h) * hidden_unconfident  # (M, D)
+    total = _MixedHeadCrossEntropy.apply(
+        z, lm_head_weight, lm_head_bias, targets_confident, targets_unconfident, lam_pos, chunk_size
+    )
+    return total / total_mixed if reduction == "mean" else total
 
 
 def naive_mixup_loss(

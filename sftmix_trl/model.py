@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from trl import get_peft_config
 from .chat_templates import training_chat_template
 from .configs import ModelArguments, bf16_supported
 from .errors import SFTMixError
+from .padding_free import trainable_attention
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def quantization_config(model_args: ModelArguments) -> BitsAndBytesConfig | None
     storage = model_args.bnb_4bit_quant_storage or "uint8"
     # FSDP flattens the packed 4-bit weights with the bf16/fp32 tensors around them: with uint8 storage it fails
     # deep inside the wrapper, after the model is loaded; say so before
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and getattr(torch, storage, None) != dtype:
+    if fsdp_launch() and getattr(torch, storage, None) != dtype:
         raise ModelLoadError(
             f"FSDP with a 4-bit base needs bnb_4bit_quant_storage equal to the compute dtype: set "
             f"`bnb_4bit_quant_storage: {str(dtype).removeprefix('torch.')}` (it is {storage})"
@@ -178,6 +181,60 @@ def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str | None = No
     )
 
 
+def fsdp_launch() -> bool:
+    """Whether `accelerate launch` set this process up for FSDP (its environment, read before any wrapper exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def quantized_device_map() -> dict[str, int | str]:
+    """Where a quantised base is materialised: this process's GPU, or the CPU under FSDP.
+
+    Without FSDP (one GPU, DDP) every process trains a whole copy, on its own GPU. Under FSDP the GPU must hold only
+    this process's shard: transformers 5.24 materialises every weight on every process at the `device_map` device
+    (`core_model_loading.py`, `param_device = get_device(device_map, ...)`; its rank-0-only loading, keyed on
+    `FSDP_CPU_RAM_EFFICIENT_LOADING`, skips quantised models: `modeling_utils.py`, `not is_quantized`), and a 4-bit
+    base with no `device_map` goes whole onto the current GPU (`quantizer_bnb_4bit.update_device_map`). So the base
+    is quantised into CPU memory, and FSDP1 (given `device_id`, as accelerate does) moves each wrapped unit to the
+    GPU as it wraps and shards it: a GPU holds its shards plus one unit at a time. See docs/gpu.md.
+    """
+    if fsdp_launch() or not torch.cuda.is_available():
+        return {"": "cpu"}
+    return {"": PartialState().local_process_index}  # one whole copy per DDP process, on its own GPU
+
+
+@contextmanager
+def quantize_on(device: torch.device | str | None) -> Iterator[list[int]]:
+    """Inside the block, transformers' bitsandbytes 4-bit loader quantises each weight on `device` and keeps the
+    result where the `device_map` put it (None: unchanged). Yields a list that counts the weights so quantised.
+
+    Under FSDP the base is loaded into CPU memory (`quantized_device_map`), and bitsandbytes quantises on a CPU at
+    about 10 M parameters/s per 2 cores (docs/gpu.md): tens of minutes for a 70B base. One weight at a time on the
+    GPU, then back to the CPU, is what transformers 4.x did for FSDP; 5.24 has no such branch, so it is put back here
+    around its one quantising operation (`integrations.bitsandbytes.Bnb4bitQuantize.convert`).
+    """
+    quantised: list[int] = []
+    if device is None:
+        yield quantised
+        return
+    from transformers.integrations import bitsandbytes as hf_bnb
+
+    original = hf_bnb.Bnb4bitQuantize.convert
+
+    def convert(self, input_dict, *args, **kwargs):
+        moved = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in input_dict.items()}
+        result = original(self, moved, *args, **kwargs)
+        quantised.append(len(result))
+        home = next(iter(input_dict.values()))
+        home = (home[0] if isinstance(home, list) else home).device
+        return {name: param.to(home) for name, param in result.items()}  # Params4bit.to moves its quant state too
+
+    hf_bnb.Bnb4bitQuantize.convert = convert
+    try:
+        yield quantised
+    finally:
+        hf_bnb.Bnb4bitQuantize.convert = original
+
+
 def load_model(model_args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedModel:
     """The frozen base model, quantised to 4 bits when asked, on this process's device."""
     path = _check_model_path(model_args.model_name_or_path)
@@ -189,18 +246,20 @@ def load_model(model_args: ModelArguments, trust_remote_code: bool = False) -> P
     kwargs = {}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        # One full copy per process: each DDP rank loads the base on its own GPU
-        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = quantized_device_map()
+    # Under FSDP a 4-bit base lands in CPU memory; quantising there is slow, so the GPU does it weight by weight
+    on_gpu = model_args.load_in_4bit and fsdp_launch() and torch.cuda.is_available()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=model_args.model_revision,
-            dtype=_resolve_dtype(model_args),
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-            **kwargs,
-        )
+        with quantize_on(torch.device("cuda", torch.cuda.current_device()) if on_gpu else None):
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                revision=model_args.model_revision,
+                dtype=_resolve_dtype(model_args),
+                attn_implementation=trainable_attention(model_args.attn_implementation),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                **kwargs,
+            )
     except OSError as error:
         raise ModelLoadError(f"could not load model {model_args.model_name_or_path}: {error}") from None
     disable_bnb_cpu_repack(model)

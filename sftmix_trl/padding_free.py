@@ -2,37 +2,41 @@
 
 TRL's collator (`padding_free=True`) concatenates the examples of a micro-batch into a single row, restarts
 `position_ids` at 0 for each example and passes no `attention_mask`. The attention keeps the examples apart from the
-sequence boundaries: flash-attention through `cu_seq_lens`, and sdpa/eager/flex through the block-diagonal causal
-mask transformers builds from `position_ids` when there is no attention mask and no cache.
+sequence boundaries: flash-attention through `cu_seq_lens` (its varlen kernel: cost sum of L^2, no mask), flex attention
+through a block mask built from `position_ids` (128 x 128 blocks wholly outside every example are skipped; no dense
+mask), and sdpa/eager through the dense block-diagonal causal mask transformers builds from `position_ids` when there is
+no attention mask and no cache ((sum of L)^2 booleans, and no flash kernel behind it).
 
 Here:
 - `check_attention`: refuse an attention implementation that would let packed examples see each other;
-- `sequence_lengths` and `unflatten`: recover the examples of a flattened row as right-padded rows (pure functions;
-  the Mixup term and its counts then run unchanged);
+- `trainable_attention`: the attention to load on this machine (flex attention has no backward on a CPU: sdpa there);
+- `sequence_lengths` and `unflatten`: recover the examples of a flattened row as right-padded rows (pure functions,
+  for the labels and per-token metrics, whose rows are small);
+- `mixed_flat_positions`: where the Mixup's positions lie in the flattened row, so the hidden states are gathered
+  there and never re-padded;
 - `TruncatingSFTTrainer`: TRL's `SFTTrainer` that keeps `max_length` under `padding_free`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
+from transformers.utils.generic import is_flash_attention_requested
 from trl import SFTTrainer
 
 from .errors import SFTMixError
+from .mixup import IGNORE_INDEX, mixed_position_masks
 
-# Implementations that separate packed sequences: the masked ones build transformers' packed-sequence mask from
-# `position_ids`, the flash ones run their varlen kernels on `cu_seq_lens`
-SEPARATING_ATTENTION = (
-    "sdpa",
-    "eager",
-    "flex_attention",
-    "flash_attention_2",
-    "flash_attention_3",
-    "flash_attention_4",
-)
+logger = logging.getLogger(__name__)
+
+# Implementations that build transformers' packed-sequence mask from `position_ids`. Every flash flavour (the
+# flash-attn packages, Hub kernels such as `kernels-community/flash-attn2`, `paged|flash_attention_2`) runs its varlen
+# kernel on the collator's `cu_seq_lens`: transformers' own `is_flash_attention_requested` names them
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 class PaddingFreeError(SFTMixError):
@@ -42,14 +46,28 @@ class PaddingFreeError(SFTMixError):
 def check_attention(attn_implementation: str | None) -> None:
     """Refuse an attention implementation that cannot keep the examples of a padding-free row apart.
 
-    `None` is transformers' default choice (sdpa, or eager for a model without sdpa), which can.
+    `None` is transformers' default choice (sdpa, or eager for a model without sdpa), which can; so do the masked
+    implementations and every flash flavour transformers recognises. A paged cache (`paged|sdpa`) cannot: it attends
+    over the whole row.
     """
-    if attn_implementation is not None and attn_implementation not in SEPARATING_ATTENTION:
-        raise PaddingFreeError(
-            f"padding_free needs an attention that keeps packed examples apart; attn_implementation="
-            f"{attn_implementation!r} does not: set `attn_implementation: sdpa` (or flash_attention_2 on a GPU), or "
-            "`padding_free: false`"
-        )
+    if attn_implementation is None or attn_implementation in MASKED_ATTENTION:
+        return
+    if is_flash_attention_requested(requested_attention_implementation=attn_implementation):
+        return
+    raise PaddingFreeError(
+        f"padding_free needs an attention that keeps packed examples apart; attn_implementation="
+        f"{attn_implementation!r} does not: set `attn_implementation: flex_attention` (or sdpa, or a flash "
+        "attention on a GPU), or `padding_free: false`"
+    )
+
+
+def trainable_attention(attn_implementation: str | None) -> str | None:
+    """The attention to train with here: `flex_attention` has no backward on a CPU (torch raises at the first step),
+    so a GPU config run on a CPU trains with sdpa, which keeps padding-free examples apart too (with a dense mask)."""
+    if attn_implementation == "flex_attention" and not (torch.cuda.is_available() or torch.xpu.is_available()):
+        logger.warning("flex_attention has no backward on a CPU: sdpa is used instead (same results, dense mask)")
+        return "sdpa"
+    return attn_implementation
 
 
 def sequence_lengths(position_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
@@ -90,6 +108,32 @@ def is_prepared(dataset, max_length: int | None) -> bool:
         return True
     lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"])
     return pc.max(lengths).as_py() <= max_length
+
+
+def mixed_flat_positions(
+    labels: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Mixup's positions in a flattened row of pairs [c_1, u_1, c_2, u_2, ...]: the same positions, in the same
+    order, as `mixup.mixed_position_masks` selects on the padded rows, as indices into the row.
+
+    Args:
+        labels: (1, N) labels of the flattened row (the collator sets each example's first label to -100; that
+            label is never a target, since position t predicts label t + 1).
+        lengths: (2K,) example lengths (`sequence_lengths`).
+
+    Returns:
+        `(index_c, index_u, n)`: (M,) row indices of the mixed positions of the confident and the unconfident
+        examples, pair-major then position order, and (K,) mixed positions per pair. The targets are
+        `labels[0, index + 1]`, and the hidden states `hidden[0, index]`: only M rows of the hidden states are
+        gathered, where re-padding them copied (2K, T_max, D).
+    """
+    rows = unflatten(labels, lengths, IGNORE_INDEX)  # (2K, T) token ids: small next to (2K, T, D)
+    keep_c, keep_u, n = mixed_position_masks(rows[0::2], rows[1::2])  # (K, T-1)
+    starts = (lengths.cumsum(0) - lengths).to(labels.device)  # (2K,) where each example begins in the row
+    offsets = torch.arange(rows.shape[1] - 1, device=labels.device)  # (T-1,) position within an example
+    index_c = (starts[0::2, None] + offsets[None])[keep_c]
+    index_u = (starts[1::2, None] + offsets[None])[keep_u]
+    return index_c, index_u, n
 
 
 class TruncatingSFTTrainer(SFTTrainer):

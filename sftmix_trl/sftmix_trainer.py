@@ -15,8 +15,9 @@ under `padding_free`, shared with the NTP recipe), and overrides these hooks, le
   parts, mean lambda, NTP loss of each half, and `mixup_token_share` (2 x mixed positions / response tokens).
 
 Evaluation is TRL's plain NTP loss. With `padding_free`, a micro-batch is one row of examples laid end to end; the
-Mixup term, its count and the per-half metrics first put each example back on its own right-padded row, so they are
-those of the padded path.
+Mixup term gathers its positions from that row by index (`padding_free.mixed_flat_positions`, the hidden states are
+never re-padded), and its count and the per-half metrics put the labels and per-token losses back on right-padded
+rows: all are those of the padded path.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from transformers.trainer_utils import seed_worker
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID, has_multi_turn
-from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss
+from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss, mixup_loss_at
 from .ntp_trainer import NTPTrainer
-from .padding_free import sequence_lengths, unflatten
+from .padding_free import mixed_flat_positions, sequence_lengths, unflatten
 from .sampler import PairedSampler, TokenBudgetBatchSampler
 from .sftmix_config import SFTMixConfig, unsupported_parallelism
 from .sharded import lm_head
@@ -320,8 +321,6 @@ class SFTMixTrainer(NTPTrainer):
             ntp_loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         hidden, labels = captured["hidden"], inputs["labels"]  # (2K, T, D), (2K, T); padding-free (1, N, D), (1, N)
         lengths = self._example_lengths(inputs, len(rows))
-        if lengths is not None:  # one right-padded row per example again: the pairs and positions of the padded path
-            hidden, labels = unflatten(hidden, lengths), unflatten(labels, lengths, IGNORE_INDEX)
         lam = self._draw_lambdas(rows)
         grad = self.args.mixup_weight > 0 and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad), lm_head(model) as (weight, bias):  # whole under FSDP2 and ZeRO-3 too
@@ -333,18 +332,17 @@ class SFTMixTrainer(NTPTrainer):
                     self.accelerator.num_processes,
                     tuple(weight.shape),
                 )
-            mix_sum = mixup_loss(
-                hidden[0::2],
-                hidden[1::2],
-                labels[0::2],
-                labels[1::2],
-                weight,
-                lam,
-                lm_head_bias=bias,
-                chunk_size=self.args.mixup_chunk_size,
-                reduction="sum",
-            )
-        local_mixed = count_mixed_positions(labels)
+            common = dict(lm_head_bias=bias, chunk_size=self.args.mixup_chunk_size, reduction="sum")
+            if lengths is None:
+                mix_sum = mixup_loss(hidden[0::2], hidden[1::2], labels[0::2], labels[1::2], weight, lam, **common)
+                local_mixed = count_mixed_positions(labels)
+            else:  # the padded path's positions, gathered from the row: no (2K, T_max, D) copy
+                index_c, index_u, n = mixed_flat_positions(labels, lengths)
+                targets_c, targets_u = labels[0, index_c + 1], labels[0, index_u + 1]
+                mix_sum = mixup_loss_at(
+                    hidden[0, index_c], hidden[0, index_u], targets_c, targets_u, n, weight, lam, **common
+                )
+                local_mixed = n.sum()
         # Normalised like TRL's NTP loss: over the mixed positions of the whole accumulation window (and of every
         # process, scaled back up since DDP averages gradients) when the trainer counted them, else this micro-batch's
         mixed = self._num_mixed_in_batch if num_items_in_batch is not None else local_mixed

@@ -14,8 +14,8 @@ FSDP2 module, or the bare `PeftModel`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -52,11 +52,8 @@ def _adapter_parameters(model: torch.nn.Module, modify: bool) -> Iterator[dict[s
         return {n: p for n, p in named if checkpoint_key(n, adapter) != n}  # adapter weights carry its name
 
     if any(isinstance(m, torch.distributed.fsdp.FullyShardedDataParallel) for m in model.modules()):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        # With use_orig_params=False the original parameters exist only inside this block
-        with FullyShardedDataParallel.summon_full_params(model, writeback=modify), torch.no_grad():
-            yield adapter_named_parameters()
+        with _fsdp1_adapter_units(model, lambda name: checkpoint_key(name, adapter) != name, modify) as params:
+            yield params
         return
     params = adapter_named_parameters()
     if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3: gathered, then partitioned again
@@ -68,6 +65,49 @@ def _adapter_parameters(model: torch.nn.Module, modify: bool) -> Iterator[dict[s
         return
     with torch.no_grad():
         yield params
+
+
+@contextmanager
+def _fsdp1_adapter_units(
+    model: torch.nn.Module, is_adapter: Callable[[str], bool], modify: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """{name: full parameter} of the adapter under FSDP1, unsharding only the FSDP units that own adapter weights.
+
+    `summon_full_params(model)` unshards every unit, the whole base included; here each unit's flat parameter says
+    which original parameters it holds (`_fqns`), and only units holding an adapter weight are summoned, one level
+    deep (`recurse=False`). PEFT's FSDP wrap policy (`peft.utils.other.fsdp_auto_wrap_policy`, which transformers and
+    accelerate use for a PEFT model) gives every LoRA matrix its own unit, so no base weight is unsharded; under a
+    policy that puts LoRA and base weights in one unit, that unit's base weights are unsharded too (the adapter cannot
+    be read otherwise). On a GPU, read-only blocks keep the gathered copies on the CPU. A collective, same order everywhere."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+    units = [(_clean(n), m) for n, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
+    root_name, root = units[0]
+    _lazy_init(root, root)  # before a nested unit is summoned, or it would take itself for the root
+    owned = []  # (unit, {full name: name inside the unit})
+    for prefix, unit in units:
+        handle = unit._handle
+        if handle is None:
+            continue
+        base = prefix.removeprefix(root_name).lstrip(".")
+        names = {".".join(filter(None, (base, _clean(fqn)))): fqn for fqn in handle.flat_param._fqns}
+        names = {full: fqn for full, fqn in names.items() if is_adapter(full)}
+        if names:
+            owned.append((unit, names))
+    with ExitStack() as stack:
+        for unit, _ in owned:
+            # offload_to_cpu frees the gathered storage after copying it: on a CPU-sharded unit that is the copy
+            offload = not modify and unit.compute_device.type != "cpu"
+            stack.enter_context(
+                FullyShardedDataParallel.summon_full_params(
+                    unit, recurse=False, writeback=modify, offload_to_cpu=offload
+                )
+            )
+        stack.enter_context(torch.no_grad())
+        yield {
+            full: unit._fsdp_wrapped_module.get_parameter(fqn) for unit, names in owned for full, fqn in names.items()
+        }
 
 
 def gather_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

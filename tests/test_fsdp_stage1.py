@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,28 @@ def wrap(model, variant: str):
     return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
 
 
+@contextmanager
+def count_unsharded(record: list):
+    """Appends (module, parameter names in it, bytes) for every FSDP1 flat parameter unsharded inside the block: what
+    a gather materialises on this process beyond its shards."""
+    from torch.distributed.fsdp._flat_param import FlatParamHandle
+
+    original = FlatParamHandle.unshard
+
+    def unshard(self):
+        flat = self.flat_param
+        record.append(
+            (self._fully_sharded_module, flat._fqns, flat._unpadded_unsharded_size.numel() * flat.element_size())
+        )
+        return original(self)
+
+    FlatParamHandle.unshard = unshard
+    try:
+        yield record
+    finally:
+        FlatParamHandle.unshard = original
+
+
 def worker(model_path: str, out_dir: str, variants: str) -> None:
     from types import SimpleNamespace
 
@@ -105,6 +128,7 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
             if "lora_" in name:  # a trained-looking adapter: non-zero B, so that it changes the perplexities
                 torch.nn.init.normal_(param, std=0.05)
         bare = {k: v.detach().clone() for k, v in gather_adapter_state(model).items()}
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         wrapped = wrap(model, variant)
         forwards = []
         wrapped.register_forward_pre_hook(lambda module, args, calls=forwards: calls.append(1))
@@ -114,7 +138,9 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
         callback = _SnapshotCallback(directory, 1)
         callback.steps, callback.trainer = [1], SimpleNamespace(model_wrapped=wrapped)
         world = SimpleNamespace(global_step=1, is_world_process_zero=state.is_main_process)
-        callback.on_step_end(None, world, None)
+        unsharded = []
+        with count_unsharded(unsharded):
+            callback.on_step_end(None, world, None)
         state.wait_for_everyone()
         weights = _check_snapshot(directory / "step-1")
         snapshot_vs_bare = max(
@@ -124,10 +150,15 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
         # Scoring: the adapter zeroed first (the base's perplexities), then the snapshot loaded back into the shards
         load_adapter_state(wrapped, {k: torch.zeros_like(v) for k, v in weights.items()})
         zeroed, _, _ = score_perplexities(wrapped, dataset, BATCH_SIZE, pad_token_id=0)
-        load_adapter_state(wrapped, weights)
-        reloaded = gather_adapter_state(wrapped)
+        with count_unsharded(unsharded):
+            load_adapter_state(wrapped, weights)
+            reloaded = gather_adapter_state(wrapped)
         forwards.clear()
         perplexities, counts, _ = score_perplexities(wrapped, dataset, BATCH_SIZE, pad_token_id=0)
+        prefixes = {
+            id(m): n.replace("_fsdp_wrapped_module.", "").removesuffix("._fsdp_wrapped_module")
+            for n, m in wrapped.named_modules()
+        }
         result = {
             "wrapper": type(wrapped).__name__,
             "num_tensors": len(weights),
@@ -138,6 +169,11 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
             "zeroed": zeroed.tolist(),
             "counts": counts.tolist(),
             "forwards": len(forwards),
+            # FSDP1: what saving, loading and reading the snapshot back unsharded (FSDP2 and ZeRO-3 gather per tensor)
+            "unsharded_names": sorted({f"{prefixes[id(m)]}.{name}" for m, names, _ in unsharded for name in names}),
+            "unsharded_bytes": sum(size for _, _, size in unsharded),
+            "adapter_bytes": sum(v.numel() * v.element_size() for v in bare.values()),
+            "model_bytes": model_bytes,
             "num_batches": num_batches,
         }
         Path(out_dir, variant, f"rank{state.process_index}.json").write_text(json.dumps(result))
@@ -171,6 +207,10 @@ def test_stage1_through_a_sharding_engine_equals_one_process(tiny_model, tmp_pat
         # The snapshot is the whole adapter, equal to the bare model's, and loads back into the shards
         assert ranks[0]["num_tensors"] == ranks[0]["num_adapter_parameters"] > 0
         assert ranks[0]["snapshot_vs_bare"] == 0 and ranks[0]["reload_vs_bare"] == 0
+        if variant.startswith("fsdp1"):  # only the adapter was unsharded: no base weight, three passes of the adapter
+            for found in ranks:
+                assert found["unsharded_names"] and all("lora_" in n for n in found["unsharded_names"])
+                assert found["unsharded_bytes"] == 3 * found["adapter_bytes"] < found["model_bytes"]
 
         # One process on the bare model with the same snapshot: the same table
         with torch.no_grad():

@@ -163,3 +163,59 @@ def test_quantization_config_compute_dtype_follows_the_device(model_args, monkey
     monkeypatch.setattr(model_module, "bf16_supported", lambda: False)
     assert quantization_config(model_args()).bnb_4bit_compute_dtype == torch.float16
     assert quantization_config(model_args(dtype="float32")).bnb_4bit_compute_dtype == torch.float32
+
+
+# -- FSDP: no whole base on a GPU --------------------------------------------------------------------------------------
+
+
+def test_fsdp_4bit_base_loads_into_cpu_memory_and_quantises_weight_by_weight(model_args, monkeypatch):
+    """What `accelerate launch` with fsdp_qlora.yaml sets: the base goes to the CPU (FSDP moves one unit at a time to
+    the GPU), quantised on the GPU weight by weight; without FSDP each process puts its whole copy on its GPU."""
+    from transformers.integrations import bitsandbytes as hf_bnb
+
+    import sftmix_trl.model as model_module
+
+    original_convert = hf_bnb.Bnb4bitQuantize.convert
+    seen = []
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.append((kwargs.get("device_map"), hf_bnb.Bnb4bitQuantize.convert is not original_convert))
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(model_module, "check_4bit_available", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the loader can tell
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(model_module, "PartialState", lambda: type("State", (), {"local_process_index": 3})())
+    monkeypatch.setattr(model_module, "bf16_supported", lambda: True)
+    four_bit = model_args(load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
+    load_model(four_bit)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    load_model(four_bit)
+    load_model(model_args(load_in_4bit=False))  # 16-bit: transformers' own FSDP loading, no device_map
+    assert seen == [({"": 3}, False), ({"": "cpu"}, True), (None, False)]
+    assert hf_bnb.Bnb4bitQuantize.convert is original_convert  # the patch ends with the load
+
+
+def test_quantising_elsewhere_gives_the_same_base(model_args, batch, monkeypatch):
+    """The weight-by-weight quantisation hook (here on the CPU: the mechanism, not the GPU) leaves the loaded model
+    identical, every 4-bit weight went through it, and the result stays where the device map put it."""
+    from sftmix_trl.model import quantize_on
+
+    args = model_args(load_in_4bit=True)
+    plain = load_model(args)
+    with quantize_on(torch.device("cpu")) as quantised:
+        hooked = load_model(args)
+    assert sum(quantised) == len(linear4bit_layers(hooked)) == LINEARS_PER_LAYER * TINY_LAYERS
+    assert all(p.device.type == "cpu" for p in hooked.parameters())
+    for (name, a), b in zip(plain.state_dict().items(), hooked.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert plain(**batch).loss.item() == hooked(**batch).loss.item()
+
+
+def test_a_gpu_config_with_flex_attention_loads_with_sdpa_on_a_cpu(model_args):
+    """flex_attention has no backward on a CPU: the GPU configs' choice trains there with sdpa (examples apart too)."""
+    model = load_model(model_args(load_in_4bit=False, attn_implementation="flex_attention"))
+    assert model.config._attn_implementation == ("flex_attention" if torch.cuda.is_available() else "sdpa")

@@ -16,9 +16,17 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from sftmix_trl.confidence.reference import _reference_args
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data import load_datasets
-from sftmix_trl.mixup import IGNORE_INDEX, count_mixed_positions
+from sftmix_trl.mixup import IGNORE_INDEX, count_mixed_positions, mixed_position_masks
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.padding_free import PaddingFreeError, TruncatingSFTTrainer, sequence_lengths, unflatten
+from sftmix_trl.padding_free import (
+    PaddingFreeError,
+    TruncatingSFTTrainer,
+    check_attention,
+    mixed_flat_positions,
+    sequence_lengths,
+    trainable_attention,
+    unflatten,
+)
 from sftmix_trl.sftmix_config import SFTMixConfig
 from sftmix_trl.sftmix_trainer import ROW, SFTMixTrainer
 
@@ -73,7 +81,80 @@ def test_unflatten_recovers_the_padded_rows_and_mixed_positions():
     assert hidden.grad[0, :24].eq(1).all() and not hidden.grad[0, 24:].any()
 
 
+def test_mixed_flat_positions_are_the_padded_paths_positions():
+    """The Mixup's positions found in the flattened row select the same hidden states and targets, in the same order,
+    as the masks on the re-padded rows; and the full (2K, T, D) copy is never needed."""
+    torch.manual_seed(0)
+    examples = []
+    for length, prompt in ((6, 2), (9, 3), (4, 1), (8, 6), (7, 2), (7, 5)):  # pairs (c, u): 3 pairs
+        ids = torch.randint(3, 50, (length,)).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=64)(examples)
+    lengths = sequence_lengths(flat["position_ids"], len(examples))
+    hidden = torch.randn(1, 64, 5)
+    index_c, index_u, n = mixed_flat_positions(flat["labels"], lengths)
+    rows, labels = unflatten(hidden, lengths), unflatten(flat["labels"], lengths, IGNORE_INDEX)
+    keep_c, keep_u, n_padded = mixed_position_masks(labels[0::2], labels[1::2])
+    assert n.tolist() == n_padded.tolist() == [4, 2, 2]  # min of the response lengths of each pair
+    assert torch.equal(hidden[0, index_c], rows[0::2, :-1][keep_c])
+    assert torch.equal(hidden[0, index_u], rows[1::2, :-1][keep_u])
+    assert torch.equal(flat["labels"][0, index_c + 1], labels[0::2, 1:][keep_c])
+    assert torch.equal(flat["labels"][0, index_u + 1], labels[1::2, 1:][keep_u])
+
+
 # -- attention ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        None,
+        "sdpa",
+        "eager",
+        "flex_attention",
+        "flash_attention_2",
+        "flash_attention_3",
+        "kernels-community/flash-attn2",
+        "kernels-community/vllm-flash-attn3",
+        "paged|flash_attention_2",
+    ],
+)
+def test_every_attention_transformers_runs_varlen_or_masks_is_accepted(name):
+    check_attention(name)
+
+
+@pytest.mark.parametrize("name", ["paged|sdpa", "paged|eager", "kernels-community/some-other-kernel"])
+def test_attention_without_separation_is_refused(name):
+    with pytest.raises(PaddingFreeError, match="flex_attention"):
+        check_attention(name)
+
+
+def test_flex_attention_trains_with_sdpa_on_a_cpu():
+    assert trainable_attention("flex_attention") == ("flex_attention" if torch.cuda.is_available() else "sdpa")
+    assert trainable_attention("sdpa") == "sdpa" and trainable_attention(None) is None
+
+
+def test_flex_attention_gives_the_sdpa_loss_on_padding_free_rows(tiny_model):
+    """The GPU configs' attention (a block mask, no dense (sum L)^2 mask) on TRL's padding-free rows: the loss and
+    logits of sdpa's dense block-diagonal mask (forward only: flex attention has no backward on a CPU)."""
+    torch.manual_seed(0)
+    examples = []
+    for length, prompt in ((37, 10), (150, 40), (9, 3), (70, 50)):
+        ids = torch.randint(3, 300, (length,)).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    batch.pop("attention_mask", None)
+    outputs = {}
+    for name in ("sdpa", "flex_attention"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=name).eval()
+        with torch.no_grad():
+            outputs[name] = model(**batch, use_cache=False)
+    torch.testing.assert_close(outputs["flex_attention"].logits, outputs["sdpa"].logits, rtol=1e-4, atol=1e-5)
+    assert outputs["flex_attention"].loss.item() == pytest.approx(outputs["sdpa"].loss.item(), rel=1e-5)
+    # and the examples were kept apart: attending over the whole row gives another loss
+    with torch.no_grad():
+        mixed = model(batch["input_ids"], labels=batch["labels"], use_cache=False)
+    assert abs(mixed.loss.item() - outputs["sdpa"].loss.item()) > 1e-3
 
 
 def _packed_and_separate(model_path, attn_implementation):
