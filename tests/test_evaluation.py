@@ -435,11 +435,19 @@ def test_continuation_requests_that_start_the_next_share_its_row(tiny_model):
 # Arguments
 
 
-@pytest.mark.parametrize(("tasks", "message"), [([], "no task to evaluate"), (["ifeval", "mmlu"], "unknown task")])
+@pytest.mark.parametrize(
+    ("tasks", "message"), [([], "no task to evaluate"), (["ifeval", "no_such_task_anywhere"], "unknown task")]
+)
 def test_bad_task_lists_name_the_available_tasks(tasks, message):
     with pytest.raises(EvalError, match=message) as error:
         EvalArguments(tasks=tasks)
-    assert "available" in str(error.value) and all(task in str(error.value) for task in TASKS)
+    assert "lm-eval-harness" in str(error.value) and all(task in str(error.value) for task in TASKS)
+    assert "\n" not in str(error.value)
+
+
+def test_lm_eval_task_names_are_accepted():
+    """Any task, group or tag lm-eval knows (here its MMLU group) needs no data field of this package."""
+    assert EvalArguments(tasks=["ifeval", "mmlu", "lm_eval:pubmedqa"], ifeval_data="x").tasks[1] == "mmlu"
 
 
 def test_task_without_its_data_path():
@@ -684,3 +692,95 @@ def test_two_processes_give_the_single_process_results(tiny_model, tmp_path, mon
         ]
         if task == "ifeval":
             assert [r["response"] for r in rows[0]] == [r["response"] for r in rows[1]]
+
+
+def test_lm_eval_path_gives_the_hand_written_figures_on_the_same_items(tiny_model, tiny_tokenizer, tmp_path):
+    """Before the hand-written log-likelihoods and generation go: lm-eval's `HFLM` on the same model and items
+    gives the same log-likelihoods, predictions, accuracies, IFEval responses and verdicts."""
+    from sftmix_trl.evaluation.ifeval import load_ifeval
+    from sftmix_trl.evaluation.modeling import generate_responses
+
+    have_nltk = NLTK_DATA is not None and NLTK_DATA.is_dir()
+    if have_nltk:
+        os.environ["NLTK_DATA"] = str(NLTK_DATA)
+    data = write_eval_data(tmp_path)
+    tasks = ["pubmedqa", "mmlu_medical", "medqa"] + (["ifeval"] if have_nltk else [])
+    model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
+    args = EvalArguments(tasks=tasks, output_dir=str(tmp_path / "out"), max_new_tokens=12, batch_size=2, **data)
+    new = evaluate(args, model_args)["results"]
+    model = load_eval_model(model_args)
+    old_items = {
+        "pubmedqa": load_pubmedqa(data["pubmedqa_data"]),
+        "mmlu_medical": load_mmlu(data["mmlu_medical_data"], data["mmlu_subjects"]),
+        "medqa": load_choice_file(data["medqa_data"], "medqa"),
+    }
+    for task, items in old_items.items():
+        old = score_choices(model, tiny_tokenizer, items, batch_size=2)
+        rows = read_jsonl(tmp_path / "out" / f"samples_{task}.jsonl")
+        assert [r["id"] for r in rows] == [o["id"] for o in old]
+        for r, o in zip(rows, old):
+            assert r["loglikelihoods"] == pytest.approx(o["loglikelihoods"], rel=1e-5, abs=1e-5)
+            assert r["prediction"] == o["prediction"] and r["acc"] == o["acc"]
+        assert new[task]["acc"] == sum(o["acc"] for o in old) / len(old)
+    if have_nltk:
+        prompts = load_ifeval(data["ifeval_data"])
+        conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
+        responses = generate_responses(model, tiny_tokenizer, conversations, 12, 2)
+        metrics, _ = score_ifeval(prompts, responses)
+        assert [r["response"] for r in read_jsonl(tmp_path / "out" / "samples_ifeval.jsonl")] == responses
+        assert {k: new["ifeval"][k] for k in metrics} == metrics
+
+
+def write_yaml_task(folder: Path) -> Path:
+    """A task of the user's own in lm-eval's format: yes/no questions from a local JSONL file."""
+    rows = [{"question": f"Is {n} even?", "label": n % 2} for n in range(6)]
+    data = write_jsonl(folder / "even.jsonl", rows)
+    config = {
+        "task": "local_even",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": ["yes", "no"],
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    path = folder / "local_even.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_an_lm_eval_task_of_ones_own_runs_with_this_packages_tasks(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    task = str(write_yaml_task(tmp_path))
+    data = write_eval_data(tmp_path)
+    args = EvalArguments(
+        tasks=[task, "medqa"], medqa_data=data["medqa_data"], limit=4, output_dir=str(tmp_path / "out")
+    )
+    payload = evaluate(args, ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False))
+    figures = payload["results"][task]
+    assert figures["n"] == 4 and set(figures) == {"acc", "n"}
+    assert payload["results"]["medqa"]["n"] == 2
+    rows = read_jsonl(tmp_path / "out" / "samples_local_even.jsonl")
+    assert [r["doc_id"] for r in rows] == sample_items(list(range(6)), 4, 0)  # the seeded sample
+    # lm-eval's verdicts are the model's: the more likely of " yes" / " no" after the prompt
+    model = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    for row in rows:
+        prompt = f"Question: {row['doc']['question']}\nAnswer:"
+        scores = [hand_log_likelihood(model, tiny_tokenizer, prompt, " " + c) for c in ("yes", "no")]
+        assert [r[0] for r in row["filtered_resps"]] == pytest.approx(scores, abs=1e-4)
+        assert row["acc"] == float(scores.index(max(scores)) == row["doc"]["label"])
+    assert figures["acc"] == sum(r["acc"] for r in rows) / 4
+    assert f"| {task} | acc |" in (tmp_path / "out" / "eval_results.md").read_text()
+
+
+def hand_log_likelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one forward pass; the continuation's tokens are those that follow the
+    context's own tokens in the encoding of the whole text (lm-eval's split)."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        log_probs = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+    return sum(float(log_probs[t - 1, whole[t]]) for t in range(start, len(whole)))
