@@ -129,3 +129,37 @@ def test_merge_command_refuses_in_one_line(tiny_model, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.stderr
     assert "not a saved PEFT adapter" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_merge_evaluate_on_the_demo_config(tiny_model, tmp_path):
+    """The three commands of docs/evaluation.md on the tiny model: the demo SFT config trains a QLoRA adapter, the
+    merge command makes a folder that plain transformers loads with the logits of (unquantised) base + adapter, and
+    the evaluate command scores that folder."""
+    from conftest import DEMO_DATA, run_recipe
+    from peft import PeftModel
+    from test_recipes import TINY, ok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, merged = tmp_path / "sft", tmp_path / "merged"
+    ok(
+        run_recipe(
+            "sft.py", "--config", "configs/demo/sft_qlora.yaml", "--model_name_or_path", str(tiny_model),
+            "--output_dir", str(adapter), *TINY, "--max_steps", "2", "--learning_rate", "1e-2",
+        )
+    )  # fmt: skip
+    ok(run_recipe("merge.py", "--adapter_path", str(adapter), "--output_dir", str(merged), "--dtype", "float32"))
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    expected = logits(PeftModel.from_pretrained(base, adapter), tokenizer)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged), tokenizer), expected)
+    assert "NTP" in (merged / "README.md").read_text()
+
+    ok(
+        run_recipe(
+            "evaluate.py", "--model_name_or_path", str(merged), "--load_in_4bit", "false", "--tasks", "perplexity",
+            "--perplexity_data", str(DEMO_DATA / "health_qa.json"), "--limit", "4", "--output_dir", str(tmp_path / "eval"),
+        )
+    )  # fmt: skip
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["results"]
+    assert results["perplexity"]["n"] == 4 and results["perplexity"]["perplexity"] > 1
