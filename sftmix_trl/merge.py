@@ -36,6 +36,7 @@ _PROBES = (
         {"role": "user", "content": "Q2?"},
     ],
 )
+UNRECORDED = "LoRA fine-tuning (method not recorded)"
 METHODS = {"sftmix.py": "SFTMix", "sft.py": "NTP (supervised fine-tuning)", "confidence.py": "NTP (SFTMix reference)"}
 
 
@@ -158,7 +159,7 @@ def _method(adapter: Path) -> str:
     try:
         recipe = json.loads((adapter / "sftmix_run.json").read_text()).get("recipe")
     except (OSError, json.JSONDecodeError):
-        return "LoRA fine-tuning (method not recorded)"
+        return UNRECORDED
     return METHODS.get(recipe, f"LoRA fine-tuning ({recipe})")
 
 
@@ -175,11 +176,16 @@ def write_merged_card(
     front += ["tags:", "- trl", "- sft", "- lora", "- merged"] + (["- sftmix"] if method == "SFTMix" else []) + ["---"]
     base_text = f"`{base}` (a local model)" if local else f"[{base}](https://huggingface.co/{base})"
     dtype_name = str(dtype).removeprefix("torch.")
+    trained = (
+        "The adapter folder does not record how it was trained (no sftmix_run.json)."
+        if method == UNRECORDED
+        else f"The adapter was trained with **{method}** using sftmix-trl on TRL's `SFTTrainer`."
+    )
     body = f"""
 # {name}
 
 {base_text} with the LoRA adapter `{adapter}` merged into its weights ({dtype_name}): a standalone model, no PEFT
-needed. The adapter was trained with **{method}** using sftmix-trl on TRL's `SFTTrainer`.
+needed. {trained}
 {SFTMIX_CITATION if method == "SFTMix" else ""}
 
 | | |
