@@ -1,4 +1,5 @@
-"""Evaluate a base model, or a base + saved LoRA adapter: IFEval, medical multiple choice, response perplexity.
+"""Evaluate a base model, or a base + saved LoRA adapter, through lm-eval-harness: this package's IFEval and medical
+multiple choice on local files, any lm-eval task by name, and held-out response perplexity.
 
 python recipes/evaluate.py --model_name_or_path BASE [--adapter_path ADAPTER] --tasks ifeval pubmedqa ... [--key value]
 python recipes/evaluate.py --config my_eval.yaml [--key value ...]

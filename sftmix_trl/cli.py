@@ -1,6 +1,6 @@
 """`sftmix-trl`: the recipes for an installed package, without a clone of the repository.
 
-    sftmix-trl sft|confidence|sftmix|evaluate --config my.yaml [--key value ...]
+    sftmix-trl sft|confidence|sftmix|evaluate|merge|generate --config my.yaml [--key value ...]
     accelerate launch -m sftmix_trl.cli sftmix --config my.yaml [--key value ...]
 
 Each command runs the same main as `recipes/<command>.py` in a clone.
@@ -15,10 +15,12 @@ RECIPES = {
     "sft": "NTP baseline: QLoRA supervised fine-tuning with TRL's SFTTrainer",
     "confidence": "SFTMix stage 1: the reference run and the confidence table",
     "sftmix": "SFTMix: stage 1 (computed or reused), then training with the Mixup regulariser",
-    "evaluate": "evaluate a base model or base + adapter (IFEval, medical multiple choice, perplexity)",
+    "evaluate": "evaluate a base model or base + adapter through lm-eval-harness (any task) and perplexity",
+    "merge": "merge a LoRA adapter into its unquantised base: a standalone model folder",
+    "generate": "replies of a base model or base + adapter to a few prompts, through the chat template",
 }
 USAGE = (
-    "usage: sftmix-trl {" + "|".join(RECIPES) + "} --config FILE.yaml [--key value ...]\n"
+    "usage: sftmix-trl {" + "|".join(RECIPES) + "} [--config FILE.yaml] [--key value ...]\n"
     "       accelerate launch [accelerate options] -m sftmix_trl.cli COMMAND --config FILE.yaml [--key value ...]\n\n"
     + "\n".join(f"  {name:<11} {text}" for name, text in RECIPES.items())
     + "\n\n`sftmix-trl COMMAND --help` lists every field of that command."

@@ -18,13 +18,11 @@ from datasets import Dataset
 from sftmix_trl.configs import ModelArguments, parse_args
 from sftmix_trl.evaluation import (
     TASKS,
-    ChoiceItem,
     EvalArguments,
     EvalError,
     check_adapter,
     check_punkt,
     continuation_log_probs,
-    encode_pair,
     evaluate,
     load_choice_file,
     load_eval_model,
@@ -33,7 +31,6 @@ from sftmix_trl.evaluation import (
     load_pubmedqa,
     match_responses,
     response_perplexity,
-    score_choices,
     score_ifeval,
 )
 from sftmix_trl.evaluation.runner import load_task_data, sample_items
@@ -172,31 +169,6 @@ def tiny_tokenizer(tiny_model):
     return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
 
 
-@pytest.mark.parametrize("preferred", [1, 2])
-def test_multiple_choice_picks_the_most_likely_option(tiny_tokenizer, preferred):
-    tokenizer = tiny_tokenizer
-    choices = ["yes", "no", "maybe"]
-    generator = torch.Generator().manual_seed(preferred)
-    table = torch.randn(len(tokenizer), len(tokenizer), generator=generator, dtype=torch.float64)
-    for token in encode_pair(tokenizer, "Answer:", " " + choices[preferred])[1]:
-        table[:, token] += 30.0  # every token of the preferred option is near-certain after any token
-    model = BigramModel(table)
-    items = [
-        ChoiceItem("a", "Abstract: short.\nQuestion: Is it?\nAnswer:", choices, preferred, "pubmedqa"),
-        ChoiceItem(
-            "b", "Abstract: a much longer abstract here.\nQuestion: Is it so?\nAnswer:", choices, 0, "pubmedqa"
-        ),
-    ]
-    results = score_choices(model, tokenizer, items, batch_size=2)
-    for item, result in zip(items, results):
-        expected = [
-            bigram_log_likelihood(table, *encode_pair(tokenizer, item.context, " " + choice)) for choice in choices
-        ]
-        assert result["loglikelihoods"] == pytest.approx(expected, rel=1e-12)
-        assert result["prediction"] == preferred
-    assert [r["acc"] for r in results] == [1.0, 0.0]
-
-
 def test_one_token_continuations_of_a_context_share_its_forward_pass(tiny_tokenizer):
     table = torch.randn(len(tiny_tokenizer), len(tiny_tokenizer), generator=torch.Generator().manual_seed(3))
     rows_seen = []
@@ -212,12 +184,6 @@ def test_one_token_continuations_of_a_context_share_its_forward_pass(tiny_tokeni
     assert rows_seen == [3]  # first, second, and first + [40, 41]: not six rows
     for (context, continuation), values in zip(requests, log_probs):
         assert values.sum().item() == pytest.approx(bigram_log_likelihood(table, context, continuation), rel=1e-6)
-
-
-def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_tokenizer):
-    context, continuation = encode_pair(tiny_tokenizer, "Answer: ", "yes")
-    assert tiny_tokenizer.decode(context) == "Answer:"
-    assert tiny_tokenizer.decode(continuation) == " yes"
 
 
 def test_long_requests_lose_the_start_of_their_context(tiny_tokenizer):
@@ -264,7 +230,10 @@ def test_limited_pubmedqa_is_not_the_label_sorted_prefix():
     """PubMedQA's test labels are sorted (its first 276 are "yes"): a limit must not score only one answer."""
     args = EvalArguments(tasks=["pubmedqa"], pubmedqa_data=str(SHARED / "eval" / "pubmedqa"), limit=40)
     assert {item.answer for item in load_pubmedqa(args.pubmedqa_data, limit=40)} == {0}
-    assert {item.answer for item in load_task_data(args)["pubmedqa"]} == {0, 1, 2}
+    entry = load_task_data(args)["pubmedqa"]  # lm-eval's task and the items it scores
+    ((name, task),) = entry["tasks"].items()
+    assert len(entry["samples"][name]) == 40
+    assert {task.eval_docs[i]["answer"] for i in entry["samples"][name]} == {0, 1, 2}
 
 
 def test_mmlu_row_with_a_missing_column_is_named(tmp_path):
@@ -435,11 +404,19 @@ def test_continuation_requests_that_start_the_next_share_its_row(tiny_model):
 # Arguments
 
 
-@pytest.mark.parametrize(("tasks", "message"), [([], "no task to evaluate"), (["ifeval", "mmlu"], "unknown task")])
+@pytest.mark.parametrize(
+    ("tasks", "message"), [([], "no task to evaluate"), (["ifeval", "no_such_task_anywhere"], "unknown task")]
+)
 def test_bad_task_lists_name_the_available_tasks(tasks, message):
     with pytest.raises(EvalError, match=message) as error:
         EvalArguments(tasks=tasks)
-    assert "available" in str(error.value) and all(task in str(error.value) for task in TASKS)
+    assert "lm-eval-harness" in str(error.value) and all(task in str(error.value) for task in TASKS)
+    assert "\n" not in str(error.value)
+
+
+def test_lm_eval_task_names_are_accepted():
+    """Any task, group or tag lm-eval knows (here its MMLU group) needs no data field of this package."""
+    assert EvalArguments(tasks=["ifeval", "mmlu", "lm_eval:pubmedqa"], ifeval_data="x").tasks[1] == "mmlu"
 
 
 def test_task_without_its_data_path():
@@ -691,3 +668,105 @@ def test_evaluation_max_length_that_leaves_no_scored_token_is_refused_before_loa
 
     with pytest.raises(EvalError, match=r"`max_length` must be >= 2"):
         EvalArguments(tasks=["perplexity"], perplexity_data="data/demo/health_qa.json", max_length=1)
+
+
+def test_this_packages_tasks_through_lm_eval_score_as_computed_by_hand(tiny_model, tiny_tokenizer, tmp_path):
+    """lm-eval's `HFLM` on the model built here: every option's log-likelihood is the one a forward pass gives (the
+    prompt in the benchmark's format, the option after one space), the prediction its argmax, the figures the mean;
+    IFEval's responses are the greedy replies through the chat template (`sftmix_trl.generate`, batched apart)."""
+    from transformers import LlamaForCausalLM
+
+    from sftmix_trl.evaluation.ifeval import load_ifeval
+    from sftmix_trl.generate import generate_replies
+
+    have_nltk = NLTK_DATA is not None and NLTK_DATA.is_dir()
+    if have_nltk:
+        os.environ["NLTK_DATA"] = str(NLTK_DATA)
+    data = write_eval_data(tmp_path)
+    tasks = ["pubmedqa", "mmlu_medical", "medqa"] + (["ifeval"] if have_nltk else [])
+    model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
+    args = EvalArguments(tasks=tasks, output_dir=str(tmp_path / "out"), max_new_tokens=12, batch_size=2, **data)
+    results = evaluate(args, model_args)["results"]
+    model = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    items = {
+        "pubmedqa": load_pubmedqa(data["pubmedqa_data"]),
+        "mmlu_medical": load_mmlu(data["mmlu_medical_data"], data["mmlu_subjects"]),
+        "medqa": load_choice_file(data["medqa_data"], "medqa"),
+    }
+    for task, questions in items.items():
+        rows = read_jsonl(tmp_path / "out" / f"samples_{task}.jsonl")
+        assert [r["id"] for r in rows] == [q.id for q in questions]
+        for row, question in zip(rows, questions):
+            scores = [hand_log_likelihood(model, tiny_tokenizer, question.context, " " + c) for c in question.choices]
+            assert row["loglikelihoods"] == pytest.approx(scores, abs=1e-4)
+            assert row["prediction"] == scores.index(max(scores)) and row["answer"] == question.answer
+            assert row["acc"] == float(row["prediction"] == question.answer)
+            lengths = [len(c) for c in question.choices]  # acc_norm: lm-eval's, per character of the option
+            normalised = [s / n for s, n in zip(scores, lengths)]
+            assert row["acc_norm"] == float(normalised.index(max(normalised)) == question.answer)
+        assert results[task]["acc"] == pytest.approx(sum(r["acc"] for r in rows) / len(rows))
+        assert results[task]["n"] == len(questions)
+    assert results["mmlu_medical"]["subjects"]["anatomy"]["n"] == 2
+    if have_nltk:
+        prompts = load_ifeval(data["ifeval_data"])
+        conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
+        tokenizer = load_tokenizer(model_args)
+        responses = generate_replies(load_eval_model(model_args), tokenizer, conversations, 12, batch_size=1)
+        assert [r["response"] for r in read_jsonl(tmp_path / "out" / "samples_ifeval.jsonl")] == responses
+        metrics, _ = score_ifeval(prompts, responses)
+        assert {k: results["ifeval"][k] for k in metrics} == metrics
+
+
+def write_yaml_task(folder: Path) -> Path:
+    """A task of the user's own in lm-eval's format: yes/no questions from a local JSONL file."""
+    rows = [{"question": f"Is {n} even?", "label": n % 2} for n in range(6)]
+    data = write_jsonl(folder / "even.jsonl", rows)
+    config = {
+        "task": "local_even",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": ["yes", "no"],
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    path = folder / "local_even.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_an_lm_eval_task_of_ones_own_runs_with_this_packages_tasks(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    task = str(write_yaml_task(tmp_path))
+    data = write_eval_data(tmp_path)
+    args = EvalArguments(
+        tasks=[task, "medqa"], medqa_data=data["medqa_data"], limit=4, output_dir=str(tmp_path / "out")
+    )
+    payload = evaluate(args, ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False))
+    figures = payload["results"][task]
+    assert figures["n"] == 4 and set(figures) == {"acc", "n"}
+    assert payload["results"]["medqa"]["n"] == 2
+    rows = read_jsonl(tmp_path / "out" / "samples_local_even.jsonl")
+    assert [r["doc_id"] for r in rows] == sample_items(list(range(6)), 4, 0)  # the seeded sample
+    # lm-eval's verdicts are the model's: the more likely of " yes" / " no" after the prompt
+    model = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    for row in rows:
+        prompt = f"Question: {row['doc']['question']}\nAnswer:"
+        scores = [hand_log_likelihood(model, tiny_tokenizer, prompt, " " + c) for c in ("yes", "no")]
+        assert [r[0] for r in row["filtered_resps"]] == pytest.approx(scores, abs=1e-4)
+        assert row["acc"] == float(scores.index(max(scores)) == row["doc"]["label"])
+    assert figures["acc"] == sum(r["acc"] for r in rows) / 4
+    assert f"| {task} | acc |" in (tmp_path / "out" / "eval_results.md").read_text()
+
+
+def hand_log_likelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one forward pass; the continuation's tokens are those that follow the
+    context's own tokens in the encoding of the whole text (lm-eval's split)."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        log_probs = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+    return sum(float(log_probs[t - 1, whole[t]]) for t in range(start, len(whole)))

@@ -1,15 +1,15 @@
 """Evaluation of a base model or a base + LoRA adapter: IFEval, medical multiple choice, response perplexity.
 
-`evaluate(EvalArguments, ModelArguments)` runs it all and writes the results; `recipes/evaluate.py` is its launcher.
-The pieces are public for other uses: `score_ifeval` scores any responses, `score_choices` any multiple-choice items,
-`response_perplexity` any normalised dataset.
+`evaluate(EvalArguments, ModelArguments)` runs it all (every task but perplexity through lm-eval-harness, see
+`harness`) and writes the results; `recipes/evaluate.py` is its launcher. The pieces are public for other uses:
+`score_ifeval` scores any responses, `response_perplexity` any normalised dataset, `check_adapter` any adapter folder.
 """
 
 from .args import MMLU_MEDICAL_SUBJECTS, TASKS, EvalArguments
-from .choice import ChoiceItem, accuracy, load_choice_file, load_mmlu, load_pubmedqa, score_choices
+from .choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
 from .errors import EvalError
 from .ifeval import IFEvalPrompt, check_punkt, load_ifeval, match_responses, score_ifeval
-from .modeling import check_adapter, continuation_log_probs, encode_pair, generate_responses, load_eval_model
+from .modeling import check_adapter, continuation_log_probs, load_eval_model
 from .perplexity import load_perplexity_data, response_perplexity
 from .runner import evaluate
 
@@ -20,13 +20,10 @@ __all__ = [
     "EvalArguments",
     "EvalError",
     "IFEvalPrompt",
-    "accuracy",
     "check_adapter",
     "check_punkt",
     "continuation_log_probs",
-    "encode_pair",
     "evaluate",
-    "generate_responses",
     "load_choice_file",
     "load_eval_model",
     "load_ifeval",
@@ -35,6 +32,5 @@ __all__ = [
     "load_pubmedqa",
     "match_responses",
     "response_perplexity",
-    "score_choices",
     "score_ifeval",
 ]

@@ -15,7 +15,7 @@ MMLU_MEDICAL_SUBJECTS = (
     "medical_genetics",
     "professional_medicine",
 )
-# task -> the EvalArguments field that says where its data is (None: no data needed beyond the model)
+# This package's tasks -> the EvalArguments field that says where its data is
 TASK_DATA = {
     "ifeval": "ifeval_data",
     "pubmedqa": "pubmedqa_data",
@@ -43,8 +43,10 @@ class EvalArguments:
     tasks: list[str] = field(
         default_factory=list,
         metadata={
-            "help": f"Tasks to run, any of: {', '.join(TASKS)} (a list in YAML; space- or comma-separated on the "
-            "command line)."
+            "help": f"Tasks to run (a list in YAML; space- or comma-separated on the command line): this package's "
+            f"{', '.join(TASKS)}, or any task, group or tag of lm-eval-harness (`lm_eval ls tasks`; a stock task "
+            "reads its dataset the way lm-eval does, from the Hub or its cache). `lm_eval:<name>` picks lm-eval's "
+            "own task where this package has one of that name (e.g. `lm_eval:pubmedqa`, from the Hub)."
         },
     )
     adapter_path: str | None = field(
@@ -139,13 +141,28 @@ class EvalArguments:
         metadata={"help": "Longest IFEval response generated (greedy); lm-eval-harness uses 1280."},
     )
     batch_size: int = field(
-        default=8, metadata={"help": "Sequences per forward pass, for generation and for scoring."}
+        default=8, metadata={"help": "Sequences per forward pass (lm-eval's `batch_size`, and perplexity's)."}
     )
     max_length: int = field(
         default=2048,
         metadata={
-            "help": "Longest sequence scored (multiple choice, perplexity): longer prompts lose their start, longer "
-            "responses their end."
+            "help": "Longest sequence scored (multiple choice, lm-eval tasks, perplexity) and longest prompt of a "
+            "generation: longer prompts lose their start; a perplexity response longer than this loses its end."
+        },
+    )
+    num_fewshot: int | None = field(
+        default=None,
+        metadata={
+            "help": "Few-shot examples for lm-eval tasks that take them (unset: each task's own default, 0 for this "
+            "package's tasks)."
+        },
+    )
+    apply_chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "Render lm-eval's stock tasks through the tokenizer's chat template (lm-eval's "
+            "`--apply_chat_template`). This package's tasks ignore it: IFEval always uses the template, multiple "
+            "choice never (prompts in the benchmarks' plain-text format)."
         },
     )
     limit: int | None = field(
@@ -165,7 +182,7 @@ class EvalArguments:
         self.tasks = _as_list(self.tasks)
         self.mmlu_subjects = _as_list(self.mmlu_subjects)
         validate_tasks(self.tasks)
-        for task in self.tasks:
+        for task in (t for t in self.tasks if t in TASK_DATA):
             if getattr(self, TASK_DATA[task]) in (None, ""):
                 raise EvalError(f"task {task!r} needs `{TASK_DATA[task]}`: where its data is")
         if "mmlu_medical" in self.tasks and not self.mmlu_subjects:
@@ -184,11 +201,15 @@ class EvalArguments:
 
 
 def validate_tasks(tasks: list[str]) -> None:
-    available = ", ".join(TASKS)
+    """A non-empty list without repeats, of this package's tasks and tasks lm-eval knows (its index is read only
+    when a task is not this package's: it takes seconds)."""
     if not tasks:
-        raise EvalError(f"no task to evaluate: set `tasks` to one or more of the available tasks: {available}")
-    unknown = [task for task in tasks if task not in TASK_DATA]
-    if unknown:
-        raise EvalError(f"unknown task(s) {', '.join(map(repr, unknown))}; available tasks: {available}")
+        raise EvalError(
+            f"no task to evaluate: set `tasks` to one or more of this package's tasks ({', '.join(TASKS)}) or "
+            "lm-eval-harness tasks"
+        )
     if len(set(tasks)) < len(tasks):
         raise EvalError(f"task list {tasks} names a task twice")
+    from .harness import check_task_names
+
+    check_task_names(tasks)

@@ -1,9 +1,9 @@
-"""Medical multiple choice scored by log-likelihood, as lm-eval-harness scores `multiple_choice` tasks.
+"""Medical multiple-choice questions from local files, for this package's lm-eval-harness tasks (`tasks/`).
 
-Each option is a continuation of the question's prompt (after one space); its score is the sum of the log-probabilities
-of its tokens given the prompt, and the prediction is the option with the highest score (`acc`). `acc_norm` divides
-each score by the option's length in bytes first. Prompts are plain text, without a chat template, in the formats of
-lm-eval-harness's pubmedqa, mmlu, medqa_4options and medmcqa tasks.
+Each item is a prompt, its options and the right option's index; lm-eval scores each option as a continuation of the
+prompt after one space (`acc`: the highest log-likelihood; `acc_norm`: divided by the option's length in
+characters). Prompts are plain text, without a chat template, in the formats of lm-eval-harness's pubmedqa, mmlu,
+medqa_4options and medmcqa tasks.
 
 Local data (the Hub copies are not used: MedQA and MedMCQA are read only from files):
 
@@ -23,13 +23,11 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataError, DataSource, read_source
+from ..data import DataSource, read_source
 from .errors import EvalError
-from .modeling import continuation_log_probs, encode_pair
 
 logger = logging.getLogger(__name__)
 
-DELIMITER = " "  # between a prompt and an option, as lm-eval-harness's target_delimiter
 PUBMEDQA_CHOICES = ("yes", "no", "maybe")
 PUBMEDQA_FILES = (
     ("pubmedqa_ori_pqal.json", "ori_pqal.json"),
@@ -167,10 +165,7 @@ def load_choice_file(path: str, task: str, limit: int | None = None) -> list[Cho
     """MedQA or MedMCQA from a local .json/.jsonl file (schema in this module's docstring)."""
     if not Path(path).expanduser().exists():
         raise EvalError(f"{task} data file not found: {path}")
-    try:
-        records = read_source(DataSource(path=str(Path(path).expanduser())))
-    except DataError as error:
-        raise EvalError(str(error)) from None
+    records = read_source(DataSource(path=str(Path(path).expanduser())))  # a DataError names the file and record
     if not records:
         raise EvalError(f"{path}: no {task} question in it")
     items = []
@@ -191,48 +186,3 @@ def load_choice_file(path: str, task: str, limit: int | None = None) -> list[Cho
             context = f"Question: {record['question']}\n{listed}Answer:"
         items.append(ChoiceItem(str(record.get("id", where)), context, letters, answer, task))
     return items
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring
-
-
-def score_choices(
-    model, tokenizer, items: list[ChoiceItem], batch_size: int = 8, max_length: int = 2048, desc: str = "choices"
-) -> list[dict]:
-    """Score every option of every item; one result per item: its log-likelihoods, prediction and correctness."""
-    requests, owners = [], []
-    for index, item in enumerate(items):
-        for choice in item.choices:
-            requests.append(encode_pair(tokenizer, item.context, DELIMITER + choice))
-            owners.append(index)
-    log_probs = continuation_log_probs(model, requests, batch_size, max_length, tokenizer.pad_token_id, desc)
-    per_item: list[list[float]] = [[] for _ in items]
-    for owner, values in zip(owners, log_probs):
-        per_item[owner].append(float(values.sum()))
-    results = []
-    for item, scores in zip(items, per_item):
-        normalised = [s / len((DELIMITER + c).encode("utf-8")) for s, c in zip(scores, item.choices)]
-        prediction = max(range(len(scores)), key=scores.__getitem__)
-        prediction_norm = max(range(len(normalised)), key=normalised.__getitem__)
-        results.append(
-            {
-                "id": item.id,
-                "group": item.group,
-                "answer": item.answer,
-                "prediction": prediction,
-                "loglikelihoods": scores,
-                "acc": float(prediction == item.answer),
-                "acc_norm": float(prediction_norm == item.answer),
-            }
-        )
-    return results
-
-
-def accuracy(results: list[dict]) -> dict[str, float]:
-    n = len(results)
-    return {
-        "acc": sum(r["acc"] for r in results) / n if n else float("nan"),
-        "acc_norm": sum(r["acc_norm"] for r in results) / n if n else float("nan"),
-        "n": n,
-    }

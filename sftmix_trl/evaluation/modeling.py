@@ -1,4 +1,5 @@
-"""The model under evaluation: adapter checks, loading (with the bitsandbytes guard), generation and scoring."""
+"""The model under evaluation: adapter checks, loading (with the bitsandbytes guard), and the log-probabilities of
+continuations that held-out perplexity needs (lm-eval-harness scores every other task)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..configs import ModelArguments
 from ..distributed import gather_by_index, shard
@@ -183,75 +184,7 @@ def _progress(iterable, desc: str, total: int | None = None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Generation
-
-
-def _stop_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in ids if i is not None})
-
-
-@torch.no_grad()
-def generate_responses(
-    model,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict]],
-    max_new_tokens: int,
-    batch_size: int,
-    desc: str = "generating",
-) -> list[str]:
-    """Greedy replies to chat conversations, rendered with the tokenizer's chat template and batched.
-
-    Batches are left-padded, so that every row's reply starts at the same column; the tokenizer's own padding side
-    (right, for training) is restored afterwards. Sharded over processes; every process returns all replies.
-    """
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    mine = shard(len(texts))
-    mine.sort(key=lambda i: (-len(texts[i]), i))  # similar lengths together: less padding
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_stop_ids(model, tokenizer),
-    )
-    device = model_device(model)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    local = []
-    try:
-        batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-        for rows in _progress(batches, desc):
-            batch = tokenizer(
-                [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            output = model.generate(**batch, generation_config=generation_config)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            replies = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            local += list(zip(rows, replies))
-    finally:
-        tokenizer.padding_side = side
-    return gather_by_index(local, len(texts))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring continuations
-
-
-def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of a context and of its continuation, split as lm-eval-harness splits them.
-
-    Trailing spaces of the context move to the continuation; the pair is encoded whole and the continuation is what
-    follows the context's own encoding, so the tokens are the ones the model sees in running text.
-    """
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    if whole[: len(context_ids)] != context_ids:  # a token straddles the boundary: split where the context ends
-        return context_ids, tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return context_ids, whole[len(context_ids) :]
+# Scoring continuations (held-out perplexity)
 
 
 @torch.no_grad()

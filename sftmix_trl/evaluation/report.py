@@ -51,6 +51,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _rows(task: str, figures: dict) -> list[str]:
+    n = figures.get("n", figures.get("n_prompts", ""))
+    skipped = ("n", "n_prompts", "n_instructions", "benchmarks", "subjects", "tokens", "truncated")
+    return [
+        f"| {task} | {metric} | {_fmt(value)} | {n} |"
+        for metric, value in figures.items()
+        if metric not in skipped and isinstance(value, (int, float))
+    ]
+
+
 def markdown_table(payload: dict) -> str:
     """A Markdown summary: one row per figure."""
     model = payload["model"]
@@ -65,12 +75,10 @@ def markdown_table(payload: dict) -> str:
         "| --- | --- | ---: | ---: |",
     ]
     for task, figures in payload["results"].items():
-        n = figures.get("n", figures.get("n_prompts", ""))
-        for metric, value in figures.items():
-            skipped = ("n", "n_prompts", "n_instructions", "benchmarks", "subjects", "tokens", "truncated")
-            if metric in skipped or isinstance(value, dict):
-                continue
-            lines.append(f"| {task} | {metric} | {_fmt(value)} | {n} |")
+        # an lm-eval group or tag gives {task or group: figures}: one row per figure of each
+        nested = [(name, sub) for name, sub in figures.items() if name != "subjects" and isinstance(sub, dict)]
+        for name, sub in [(task, figures), *((f"{task}/{name}", sub) for name, sub in nested)]:
+            lines += _rows(name, sub)
         for subject, sub in figures.get("subjects", {}).items():
             lines.append(f"| mmlu_{subject} | acc | {_fmt(sub['acc'])} | {sub['n']} |")
     return "\n".join(lines) + "\n"

@@ -14,10 +14,10 @@ from accelerate import PartialState
 from ..configs import ModelArguments
 from ..model import load_tokenizer
 from ..runs import run_config
+from . import harness
 from .args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
-from .choice import accuracy, load_choice_file, load_mmlu, load_pubmedqa, score_choices
-from .ifeval import check_punkt, load_ifeval, score_ifeval
-from .modeling import check_adapter, generate_responses, load_eval_model
+from .ifeval import check_punkt
+from .modeling import check_adapter, load_eval_model
 from .perplexity import load_perplexity_data, response_perplexity
 from .report import device_name, package_versions, write_outputs
 
@@ -44,31 +44,39 @@ def sample_items(items: Sequence, limit: int | None, seed: int, groups: Sequence
 
 
 def load_task_data(eval_args: EvalArguments) -> dict:
-    """Every task's items (a seeded sample of `limit` per task), read and validated before any model is loaded."""
+    """Every task's items (a seeded sample of `limit` per task), read and validated before any model is loaded.
+
+    Perplexity data is this package's (a `datasets.Dataset`); every other task is lm-eval's (`harness.load_tasks`:
+    the lm-eval tasks and the item indices each scores).
+    """
     data = {}
-    for task in eval_args.tasks:
-        if task == "ifeval":
-            items = load_ifeval(eval_args.ifeval_data)
-        elif task == "pubmedqa":
-            items = load_pubmedqa(eval_args.pubmedqa_data)
-        elif task == "mmlu_medical":
-            items = load_mmlu(eval_args.mmlu_medical_data, eval_args.mmlu_subjects, eval_args.mmlu_split)
-        elif task in ("medqa", "medmcqa"):
-            items = load_choice_file(getattr(eval_args, f"{task}_data"), task)
-        elif task == "perplexity":
-            items = load_perplexity_data(
-                eval_args.perplexity_data,
-                eval_args.perplexity_format,
-                eval_args.perplexity_split,
-                eval_args.perplexity_held_out,
-                eval_args.perplexity_seed,
-                turns=eval_args.perplexity_turns,
-            )
-        groups = [item.group for item in items] if task == "mmlu_medical" else None
-        keep = sample_items(items, eval_args.limit, eval_args.limit_seed, groups)
-        data[task] = items.select(keep) if task == "perplexity" else [items[i] for i in keep]
-        logger.info("%s: %d items", task, len(data[task]))
+    if "perplexity" in eval_args.tasks:
+        items = load_perplexity_data(
+            eval_args.perplexity_data,
+            eval_args.perplexity_format,
+            eval_args.perplexity_split,
+            eval_args.perplexity_held_out,
+            eval_args.perplexity_seed,
+            turns=eval_args.perplexity_turns,
+        )
+        data["perplexity"] = items.select(sample_items(items, eval_args.limit, eval_args.limit_seed))
+        logger.info("perplexity: %d items", len(data["perplexity"]))
+    data.update(
+        harness.load_tasks(
+            eval_args, lambda docs, groups: sample_items(docs, eval_args.limit, eval_args.limit_seed, groups)
+        )
+    )
     return data
+
+
+def broadcast(value):
+    """The main process's value on every process (lm-eval returns its output on rank 0 only)."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def medical_average(results: dict) -> dict | None:
@@ -100,31 +108,26 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
     model = load_eval_model(model_args, eval_args.adapter_path, trust)
 
     results, samples, seconds = {}, {}, {}
-    for task in eval_args.tasks:
+    if "perplexity" in data:
         task_start = time.perf_counter()
-        if task == "ifeval":
-            prompts = data[task]
-            conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
-            responses = generate_responses(
-                model, tokenizer, conversations, eval_args.max_new_tokens, eval_args.batch_size, desc="ifeval"
-            )
-            results[task], samples[task] = score_ifeval(prompts, responses)
-        elif task == "perplexity":
-            results[task], samples[task] = response_perplexity(
-                model, tokenizer, data[task], eval_args.batch_size, eval_args.max_length
-            )
-        else:
-            scored = score_choices(model, tokenizer, data[task], eval_args.batch_size, eval_args.max_length, task)
-            results[task], samples[task] = accuracy(scored), scored
-            if task == "mmlu_medical":
-                results[task]["subjects"] = {
-                    subject: accuracy([r for r in scored if r["group"] == f"mmlu_{subject}"])
-                    for subject in eval_args.mmlu_subjects
-                }
-        seconds[task] = round(time.perf_counter() - task_start, 2)
-        logger.info(
-            "%s: %s (%.1f s)", task, {k: v for k, v in results[task].items() if k != "subjects"}, seconds[task]
+        results["perplexity"], samples["perplexity"] = response_perplexity(
+            model, tokenizer, data["perplexity"], eval_args.batch_size, eval_args.max_length
         )
+        seconds["perplexity"] = round(time.perf_counter() - task_start, 2)
+    lm = harness.make_lm(model, tokenizer, eval_args) if len(data) > ("perplexity" in data) else None
+    for chat in (False, True):  # the tasks of one lm-eval run share its chat-template setting
+        run = {t: entry for t, entry in data.items() if t != "perplexity" and harness.chat(t, eval_args) == chat}
+        if not run:
+            continue
+        task_start = time.perf_counter()
+        output = broadcast(harness.run(lm, run, eval_args, chat))
+        for task in run:
+            results[task], rows = harness.collect(task, output, run[task])
+            samples.update(rows)
+        seconds[" ".join(run)] = round(time.perf_counter() - task_start, 2)
+    results = {task: results[task] for task in eval_args.tasks}
+    for task, figures in results.items():
+        logger.info("%s: %s", task, {k: v for k, v in figures.items() if k != "subjects"})
     average = medical_average(results)
     if average is not None:
         results["medical_average"] = average

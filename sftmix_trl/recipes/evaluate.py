@@ -1,4 +1,5 @@
-"""Evaluate a base model, or a base + saved LoRA adapter: IFEval, medical multiple choice, response perplexity.
+"""Evaluate a base model, or a base + saved LoRA adapter, through lm-eval-harness: this package's IFEval and medical
+multiple choice on local files, any lm-eval task by name, and held-out response perplexity.
 
 python recipes/evaluate.py --model_name_or_path BASE [--adapter_path ADAPTER] --tasks ifeval pubmedqa ... [--key value]
 python recipes/evaluate.py --config my_eval.yaml [--key value ...]
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 ARGUMENTS = (EvalArguments, ModelArguments)
 
 
-def main(eval_args: EvalArguments, model_args: ModelArguments) -> None:
+def quiet_logging() -> None:
+    """INFO from this package, WARNING from transformers and datasets (the commands that do not train)."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
     )
@@ -35,6 +37,10 @@ def main(eval_args: EvalArguments, model_args: ModelArguments) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
+
+
+def main(eval_args: EvalArguments, model_args: ModelArguments) -> None:
+    quiet_logging()
     payload = evaluate(eval_args, model_args)
     logger.info("done in %.0f s: %s/eval_results.json", payload["wall_seconds"], eval_args.output_dir)
 
