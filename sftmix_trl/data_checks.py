@@ -75,7 +75,8 @@ def drop_unrenderable(
             tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         except TemplateError as error:
-            drops.add("template_refused", drops.location(example_id), str(error.message or error), stage="check")
+            message = str(error.message or error)
+            drops.add("template_refused", drops.location(example_id), message, stage="check", key=example_id)
             continue
         keep.append(index)
     if len(keep) < len(dataset):
@@ -89,7 +90,7 @@ def count_truncated(dataset: Dataset, prepared: Dataset, drops: DropLog, name: s
     kept = set(prepared[EXAMPLE_ID]) if EXAMPLE_ID in prepared.column_names else set()
     lost = [example_id for example_id in dataset[EXAMPLE_ID] if example_id not in kept]
     for example_id in lost:
-        drops.add("truncated", drops.location(example_id), stage="check")
+        drops.add("truncated", drops.location(example_id), stage="check", key=example_id)
     return len(lost)
 
 
@@ -158,6 +159,8 @@ def check_training_data(
         purpose = "training" if confidence_config is None else "the confidence split"
         raise _too_few(train_dataset, prepared, tokenizer, training_args, "training", purpose, needed)
     log = drops if drops is not None else DropLog()
+    # the examples this stage sees (`drop_unrenderable` may have counted them already, before its own drops)
+    log.checked = max(log.checked, len(train_dataset) + (len(eval_dataset) if eval_dataset is not None else 0))
     if len(prepared) < len(train_dataset):
         count_truncated(train_dataset, prepared, log)
         logger.warning(
@@ -209,27 +212,35 @@ def _prompt_tokens(tokenizer, prompt: list[dict]) -> int:
     return len(_tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"])
 
 
+def agreeing_max_length(prompt_lengths: list[tuple[int, int]], max_length: int) -> int:
+    """The smallest `max_length` >= the given one at which truncation (keeping the start) leaves a reply to the same
+    examples under two tokenizers: an example whose prompt is `a` tokens under one and `b` under the other keeps a reply
+    under both or neither unless min(a, b) < max_length <= max(a, b)."""
+    while True:
+        split = [max(a, b) + 1 for a, b in prompt_lengths if min(a, b) < max_length <= max(a, b)]
+        if not split:
+            return max_length
+        max_length = max(split)
+
+
 def check_same_survivors(
     dataset: Dataset, prepared: Dataset, reference_prepared: Dataset, tokenizer, reference_tokenizer, args
 ) -> None:
     """Stop when truncation keeps other examples under the reference's tokenizer than under the model's: stage 2
-    would meet examples stage 1 never scored (or score examples it never trains). Names how many, and the
-    `max_length` that keeps them all."""
+    would meet examples stage 1 never scored. Names how many, and the `max_length` that makes them agree."""
     kept, reference_kept = set(prepared[EXAMPLE_ID]), set(reference_prepared[EXAMPLE_ID])
     if kept == reference_kept:
         return
     only_model, only_reference = kept - reference_kept, reference_kept - kept
-    prompts = dict(zip(dataset[EXAMPLE_ID], dataset["prompt"]))
-    needed = max(
-        [_prompt_tokens(reference_tokenizer, prompts[i]) + 1 for i in only_model]
-        + [_prompt_tokens(tokenizer, prompts[i]) + 1 for i in only_reference]
-    )
+    hint = "Raise `max_length`"
+    if args.truncation_mode == "keep_start":
+        lengths = [(_prompt_tokens(tokenizer, p), _prompt_tokens(reference_tokenizer, p)) for p in dataset["prompt"]]
+        hint = f"Set `max_length` to {agreeing_max_length(lengths, args.max_length)} or more (both then keep the same)"
     raise DataError(
         f"truncation at max_length={args.max_length} keeps other examples under the reference model's tokenizer "
         f"({reference_tokenizer.name_or_path}) than under the model's ({tokenizer.name_or_path}): {len(only_model)} "
         f"keep a reply only under the model's and {len(only_reference)} only under the reference's, so stage 2 "
-        f"would train examples stage 1 never scored. Set `max_length` to {needed} or more (it keeps every one of "
-        "them), or shorten those prompts"
+        f"would train examples stage 1 never scored. {hint}, or shorten the longest prompts"
     )
 
 

@@ -46,10 +46,18 @@ class DropLog:
     checked: int = 0  # examples the pre-write check saw (stage 2)
     checked_dropped: int = 0
     where: dict[str, str] = field(default_factory=dict)  # example id -> record location, for stage-2 drops
+    dropped_keys: set = field(default_factory=set)
 
-    def add(self, reason: str, location: str, message: str | None = None, stage: str = "read") -> None:
+    def add(
+        self, reason: str, location: str, message: str | None = None, stage: str = "read", key: str | None = None
+    ) -> None:
+        """Count one dropped record. `key` (an example id) counts an example once however often it is checked."""
         if reason not in REASONS:
             raise KeyError(reason)
+        if key is not None:
+            if key in self.dropped_keys:
+                return
+            self.dropped_keys.add(key)
         self.counts[reason] += 1
         shown = self.locations.setdefault(reason, [])
         if len(shown) < SHOWN_LOCATIONS:
