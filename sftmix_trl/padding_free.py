@@ -92,11 +92,18 @@ class TruncatingSFTTrainer(SFTTrainer):
         self._preparation_max_length = args.max_length if hide else None
         if self._preparation_max_length is not None:
             args.max_length = None
+        # `load_tokenizer` already read a `chat_template_path` .jinja into the tokenizer, and marked it for
+        # `assistant_only_loss`: TRL would read the file again over the marked copy
+        template_path = getattr(args, "chat_template_path", None) if kwargs.get("processing_class") else None
+        if template_path is not None and template_path.endswith(".jinja"):
+            args.chat_template_path = None
         try:
             super().__init__(model, args=args, **kwargs)
         finally:
             if self._preparation_max_length is not None:
                 args.max_length = self._preparation_max_length
+            if template_path is not None:
+                args.chat_template_path = template_path
         if self.padding_free:  # a model TRL loaded from its name, or BFD packing (padding-free too)
             check_attention(self.accelerator.unwrap_model(self.model).config._attn_implementation)
 
