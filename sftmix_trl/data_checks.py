@@ -135,6 +135,7 @@ def check_training_data(
     trainer_class: type = SFTTrainer,
     table_given: bool = False,
     drops: DropLog | None = None,
+    stop_on_drops: bool = True,
 ) -> Dataset:
     """Fail with one `DataError` line, before any write, when the data cannot train as configured.
 
@@ -148,7 +149,7 @@ def check_training_data(
         pairs_per_device: K of an SFTMix run: each half of the split needs at least K examples.
         trainer_class: the trainer that will prepare the data.
         drops: where the examples that truncation leaves without a reply are counted; then the run also stops when
-            the dropped share passes its `max_dropped_fraction`.
+            the dropped share passes its `max_dropped_fraction` (unless `stop_on_drops` is False: the caller checks).
 
     Returns:
         the prepared training set (for logging and tests; the trainer prepares its own copy).
@@ -182,7 +183,7 @@ def check_training_data(
             logger.warning(
                 "%d of %d held-out examples lose their whole response to truncation", lost, len(eval_dataset)
             )
-    if drops is not None:
+    if drops is not None and stop_on_drops:
         drops.check(len(prepared))
 
     n = len(prepared)
@@ -293,6 +294,7 @@ def check_sftmix_data(
             confidence_dir,
             table_given=table_given,
             drops=drops if trainer_class is None else None,  # stage 2's check counts the drops when it runs
+            stop_on_drops=False,
         )
     if trainer_class is not None:  # stage 2 (and stage 1 when both stages tokenise alike)
         prepared = check_training_data(
@@ -306,11 +308,13 @@ def check_sftmix_data(
             trainer_class=trainer_class,
             table_given=table_given,
             drops=drops,
+            stop_on_drops=False,
         )
-    elif own_reference:
-        prepared = prepare_like_trl(train_dataset, tokenizer, training_args)
-    if own_reference:
+    else:
+        prepared = prepare_like_trl(train_dataset, tokenizer, training_args) if own_reference else reference_prepared
+    if own_reference:  # before the dropped share: this stop says which max_length fixes both
         check_same_survivors(
             train_dataset, prepared, reference_prepared, tokenizer, reference_tokenizer, training_args
         )
+    drops.check(len(prepared))
     return train_dataset, eval_dataset

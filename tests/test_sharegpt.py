@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 from conftest import build_tiny_model, run_recipe, write_jsonl
 
+from sftmix_trl.confidence import ConfidenceConfig
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data import DataError, load_datasets
-from sftmix_trl.data_checks import check_same_survivors, check_training_data, drop_unrenderable, prepare_like_trl
+from sftmix_trl.data_checks import (
+    check_same_survivors,
+    check_sftmix_data,
+    check_training_data,
+    drop_unrenderable,
+    prepare_like_trl,
+)
 from sftmix_trl.drops import DropLog
 from sftmix_trl.model import load_tokenizer
+from sftmix_trl.sftmix_config import SFTMixConfig
 
 # ChatML that refuses two turns of one role in a row, as Mistral's and Llama 2's templates do
 ALTERNATING_CHATML = (
@@ -192,6 +200,18 @@ def test_reference_tokenizer_that_keeps_other_examples_stops_with_the_max_length
     args.max_length = needed
     prepared, reference_prepared = (prepare_like_trl(dataset, t, args) for t in (tokenizer, reference))
     check_same_survivors(dataset, prepared, reference_prepared, tokenizer, reference, args)  # no error: same set
+    # the recipes' check stops before any write, at stage 1 already
+    config = SFTMixConfig(
+        output_dir=str(tmp_path / "o"),
+        report_to="none",
+        max_length=cut,
+        reference_model_name_or_path=str(other),
+        reference_batch_size=1,
+    )
+    model_args = ModelArguments(model_name_or_path=str(tiny_model))
+    with pytest.raises(DataError, match=r"keeps other examples under the reference model's tokenizer"):
+        check_sftmix_data(dataset, None, tokenizer, model_args, config, ConfidenceConfig.from_args(config), None)
+    assert not (tmp_path / "o").exists()
 
 
 # -- end to end: the raw file trains through the SFTMix recipe (stage 1 and 2) ------------------------------------------------
