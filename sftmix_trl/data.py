@@ -352,7 +352,8 @@ def has_multi_turn(*datasets: Dataset | None) -> bool:
 def load_source(
     source: DataSource, seed: int = 42, assistant_turns: str = "all", drops: DropLog | None = None
 ) -> Dataset:
-    """Read, validate and normalise one source; drop (and count in `drops`) the records that cannot train.
+    """Read, validate, normalise and fingerprint one source; drop (and count in `drops`) the records that cannot
+    train.
 
     `assistant_turns`: "all" trains every assistant turn of a multi-turn conversation, "last" only its last.
     """
@@ -364,7 +365,7 @@ def load_source(
         raise DataError(f"{source.path}: the dataset is empty")
     drops.read += len(records)
     formats: dict[str, str] = {}  # with `auto`, the format of each file of a folder, from its first record
-    examples, where_of = [], []
+    examples = []
     for where, record in records:
         fmt = source.format
         if fmt == "auto":
@@ -373,18 +374,18 @@ def load_source(
                 formats[file] = detect_format(record, where)
             fmt = formats[file]
         try:
-            examples.append(normalise(record, fmt, where, assistant_turns, source.roles))
+            example = normalise(record, fmt, where, assistant_turns, source.roles)
         except Unusable as unusable:
             drops.add(unusable.reason, where)
             continue
-        where_of.append(where)
+        example[EXAMPLE_ID] = example_fingerprint(example)
+        drops.where[example[EXAMPLE_ID]] = where  # for the drops seen later (template, truncation)
+        examples.append(example)
     if not examples:
         drops.log()
         reasons = "; ".join(drops.describe(r) for r in drops.locations)
         raise DataError(f"{source.path}: no record can train: {reasons}")
     dataset = Dataset.from_list(examples)
-    for where, example in zip(where_of, examples):
-        drops.where[example_fingerprint(example)] = where
     if source.fraction < 1:
         keep = max(1, round(source.fraction * len(dataset)))
         dataset = dataset.shuffle(seed=seed).select(range(keep))
@@ -461,7 +462,6 @@ def load_datasets(script_args, drops: DropLog | None = None) -> tuple[Dataset, D
     drops.log()
     drops.check(sum(len(part) for part in parts))
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    dataset = dataset.map(lambda example: {EXAMPLE_ID: example_fingerprint(example)})
     dataset = _deduplicate(dataset).shuffle(seed=seed).flatten_indices()
     eval_dataset = None
     size = script_args.eval_split_size
