@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .confidence import PLOT_FILE
 from .drops import REASONS, DropLog
 
 
@@ -26,8 +27,6 @@ def data_card_section(drops: DropLog) -> str:
 
 
 def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[str]:
-    from .confidence import PLOT_FILE  # confidence imports the trainer stack; the data section needs none of it
-
     meta = table.metadata
     rows = [
         ("examples scored", meta.get("num_scored")),

@@ -95,7 +95,9 @@ class TruncatingSFTTrainer(SFTTrainer):
         # `load_tokenizer` already read a `chat_template_path` .jinja into the tokenizer, and marked it for
         # `assistant_only_loss`: TRL would read the file again over the marked copy
         template_path = getattr(args, "chat_template_path", None) if kwargs.get("processing_class") else None
-        if template_path is not None and template_path.endswith(".jinja"):
+        if template_path is not None and not template_path.endswith(".jinja"):
+            template_path = None  # a model id: TRL clones that model's template and tokens
+        if template_path is not None:
             args.chat_template_path = None
         try:
             super().__init__(model, args=args, **kwargs)
