@@ -44,9 +44,27 @@ class ScriptArguments:
         default="auto",
         metadata={
             "help": "Record format of `dataset_name`: 'alpaca' (instruction, input, output), 'prompt_completion' "
-            "(strings or chat messages), 'messages' (chat, possibly multi-turn; see `assistant_turns`) "
-            "or 'auto' (detected from the columns).",
-            "choices": ["auto", "alpaca", "prompt_completion", "messages"],
+            "(strings or chat messages), 'messages' (chat, possibly multi-turn; see `assistant_turns`), 'sharegpt' "
+            "(`conversations` of {from, value} turns; see `role_map`) or 'auto' (detected from the columns).",
+            "choices": ["auto", "alpaca", "prompt_completion", "messages", "sharegpt"],
+        },
+    )
+    role_map: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra role names of chat turns, mapped to system/user/assistant/tool, e.g. {doctor: assistant, "
+            "patient: user} (on the command line: JSON). Built in: human/user -> user; gpt/assistant/chatgpt/bing/"
+            "bard/model -> assistant; system -> system. A turn with another role stops the run, naming the record. "
+            "A `dataset_mixture` entry may add its own `role_map`."
+        },
+    )
+    max_dropped_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "Share of the records that may be dropped because they cannot train (empty conversation, only a "
+            "system message, no reply, empty replies, refused by the chat template, every reply truncated away) "
+            "before the run stops. Each reason is logged with its count and the first records; the counts go into "
+            "sftmix_run.json and the model card. 1 never stops (unless nothing is left)."
         },
     )
     assistant_turns: str = field(
@@ -62,7 +80,7 @@ class ScriptArguments:
     dataset_mixture: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": "Several sources: {datasets: [{path, fraction, format, split, name}], seed} (on the command line: "
+            "help": "Several sources: {datasets: [{path, fraction, format, split, name, role_map}], seed} (on the command line: "
             "JSON, or the path of a YAML/JSON file holding it; `null` drops the config file's mixture). "
             "`fraction` (0, 1] is the share of that source kept, drawn with `seed`."
         },
@@ -86,6 +104,15 @@ class ScriptArguments:
         check_choices(self)
         if isinstance(self.dataset_mixture, str):
             self.dataset_mixture = _read_mixture(self.dataset_mixture)
+        if isinstance(self.role_map, str):
+            try:
+                self.role_map = json.loads(self.role_map)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f'`role_map` must be a JSON mapping such as {{"doctor": "assistant"}}, got {self.role_map!r}'
+                ) from None
+        if not 0 <= self.max_dropped_fraction <= 1:
+            raise ValueError(f"`max_dropped_fraction` must be in [0, 1], got {self.max_dropped_fraction}.")
         if self.dataset_name is None and self.dataset_mixture is None:
             raise ValueError("Set `dataset_name` or `dataset_mixture`: there is no training data.")
         if self.dataset_name is not None and self.dataset_mixture is not None:

@@ -8,6 +8,10 @@ TRL's ``assistant_only_loss`` (with a template whose ``{% generation %}`` marker
 ``assistant_turns="last"`` the conversation is split at its last assistant turn instead: earlier turns are context. ``example_id`` is a
 fingerprint of the normalised example: the confidence stage keys its scores by it, because TRL drops examples that
 truncation leaves without a response token, so row positions are not stable between stages.
+
+ShareGPT files (``conversations`` of ``{from, value}`` turns) are read as ``messages`` with their role names mapped
+(``ROLE_MAP`` plus the user's ``role_map``). Records that cannot train (no reply, empty replies, ...) are dropped and
+counted per reason in a ``drops.DropLog``, never silently.
 """
 
 from __future__ import annotations
@@ -24,23 +28,47 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets, load_dataset
 
+from .drops import DEFAULT_MAX_DROPPED_FRACTION, DropLog
 from .errors import SFTMixError
 
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-FORMATS = ("alpaca", "prompt_completion", "messages")
+FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 REQUIRED_FIELDS = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
 }
 EXAMPLE_ID = "example_id"
 ASSISTANT_TURNS = ("all", "last")
+ROLES = ("system", "user", "assistant", "tool")
+# The role names of ShareGPT exports and other chat files, as axolotl and LLaMA-Factory read them; `role_map` adds more
+ROLE_MAP = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+}
 
 
 class DataError(SFTMixError):
     """A data problem the user can fix: the message names the file, the record and the field."""
+
+
+class Unusable(Exception):
+    """A record that cannot train; `reason` is one of `drops.REASONS`. Dropped and counted, never raised to the user."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -50,12 +78,26 @@ class DataSource:
     format: str = "auto"
     split: str = "train"
     name: str | None = None
+    role_map: dict[str, str] | None = None  # extra role names of this source's conversations -> user/assistant/...
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
             raise DataError(f"{self.path}: `fraction` must be in (0, 1], got {self.fraction}")
         if self.format not in ("auto", *FORMATS):
             raise DataError(f"{self.path}: unknown format {self.format!r}; expected one of auto, {', '.join(FORMATS)}")
+        self.roles = resolve_role_map(self.role_map, self.path)
+
+
+def resolve_role_map(role_map: dict[str, str] | None, where: str = "role_map") -> dict[str, str]:
+    """The default role names plus the user's (names compared in lower case)."""
+    if role_map is not None and not isinstance(role_map, dict):
+        raise DataError(f"{where}: `role_map` must be a mapping {{name: role}}, got {type(role_map).__name__}")
+    roles = dict(ROLE_MAP)
+    for name, role in (role_map or {}).items():
+        if role not in ROLES:
+            raise DataError(f"{where}: `role_map` maps {name!r} to {role!r}; a role must be one of {', '.join(ROLES)}")
+        roles[str(name).lower()] = role
+    return roles
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,32 +220,80 @@ def detect_format(record: dict, where: str) -> str:
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
     if "prompt" in record or "completion" in record:
         return "prompt_completion"
     if "instruction" in record or "output" in record:
         return "alpaca"
     raise DataError(
         f"{where}: cannot tell the format from its fields {sorted(record)}; expected 'instruction'/'output' "
-        "(alpaca), 'prompt'/'completion', or 'messages'"
+        "(alpaca), 'prompt'/'completion', 'messages' or 'conversations' (ShareGPT)"
     )
 
 
-def _as_messages(value: Any, role: str, where: str, field_name: str) -> list[dict]:
+def _as_messages(value: Any, role: str, where: str, field_name: str, roles: dict[str, str] = ROLE_MAP) -> list[dict]:
+    """Chat messages from a string (one message of `role`) or a list of `{role, content}` or ShareGPT
+    `{from, value}` turns, each role name mapped through `roles`. A turn whose text is null is an empty turn."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(f"{where}: field '{field_name}' must be a string or a list of {{role, content}} messages")
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{field_name}' must be a string or a list of {{role, content}} messages")
+    messages = []
+    for index, turn in enumerate(value):
+        keys = ("from", "value") if isinstance(turn, dict) and "from" in turn else ("role", "content")
+        name, text = (turn.get(keys[0]), turn.get(keys[1])) if isinstance(turn, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(text, str | None):
+            raise DataError(
+                f"{where}: field '{field_name}' must be a list of {{role, content}} messages or ShareGPT "
+                f"{{from, value}} turns; turn {index} is {json.dumps(turn, ensure_ascii=False)[:120]}"
+            )
+        mapped = roles.get(name.lower())
+        if mapped is None:
+            raise DataError(
+                f"{where}: turn {index} has the role {name!r}, which is not one of {', '.join(sorted(roles))}; "
+                f"map it with `role_map` (e.g. role_map: {{{name}: assistant}})"
+            )
+        messages.append({"role": mapped, "content": text or ""})
+    return messages
 
 
-def normalise(record: dict, fmt: str, where: str, assistant_turns: str = "all") -> dict:
+def split_conversation(messages: list[dict], assistant_turns: str = "all") -> tuple[list[dict], list[dict]]:
+    """A conversation as (prompt, completion), or `Unusable` with the reason it cannot train.
+
+    Replies are the assistant turns after the first prompt (a user or tool turn): leading assistant turns (a
+    greeting, or a long chat split in the middle) stay context. Empty replies before the first and after the last
+    non-empty one are context / dropped. With `assistant_turns="all"` the completion starts at the first non-empty
+    reply (TRL's `assistant_only_loss` trains every reply in it), with `"last"` at the last one. Messages after the
+    last reply are dropped: nothing would be trained on them. Consecutive turns of one role are kept as they are:
+    the template renders them (or refuses to, and the record is dropped then).
+    """
+    if not messages:
+        raise Unusable("empty_conversation")
+    if all(m["role"] == "system" for m in messages):
+        raise Unusable("system_only")
+    first_prompt = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "assistant")), None)
+    replies = [
+        i for i, m in enumerate(messages) if m["role"] == "assistant" and first_prompt is not None and i > first_prompt
+    ]
+    if not replies:
+        raise Unusable("no_reply")
+    said = [i for i in replies if messages[i]["content"].strip()]
+    if not said:
+        raise Unusable("empty_reply")
+    cut = said[0] if assistant_turns == "all" else said[-1]
+    return messages[:cut], messages[cut : said[-1] + 1]
+
+
+def normalise(
+    record: dict, fmt: str, where: str, assistant_turns: str = "all", roles: dict[str, str] = ROLE_MAP
+) -> dict:
     """One record in TRL's conversational prompt/completion form.
 
-    A `messages` conversation is cut before its first assistant turn (`assistant_turns="all"`: the completion holds
-    every assistant turn, with the user turns between them) or before its last (`"last"`: earlier turns are context).
-    Messages after the last assistant turn are dropped: nothing would be trained on them.
+    Raises `DataError` for a record the user must fix (a missing field, a wrong type, an unknown role) and
+    `Unusable` for one that cannot train (no reply, empty replies, ...): the loader drops and counts those.
+    A `messages`/ShareGPT conversation is cut as `split_conversation` says. A ShareGPT record's top-level `system`
+    string becomes its first message when the conversation has none.
     """
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -219,16 +309,18 @@ def normalise(record: dict, fmt: str, where: str, assistant_turns: str = "all") 
             user = f"{user}\n\n{record['input']}"
         prompt, completion = [{"role": "user", "content": user}], [{"role": "assistant", "content": record["output"]}]
     elif fmt == "prompt_completion":
-        prompt = _as_messages(record["prompt"], "user", where, "prompt")
-        completion = _as_messages(record["completion"], "assistant", where, "completion")
+        prompt = _as_messages(record["prompt"], "user", where, "prompt", roles)
+        completion = _as_messages(record["completion"], "assistant", where, "completion", roles)
     else:
-        messages = _as_messages(record["messages"], "user", where, "messages")
-        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
-        if not replies:
-            raise DataError(f"{where}: 'messages' needs an assistant turn after at least one other message")
-        # A leading assistant message (a greeting) has no prompt to follow: it stays context in either mode
-        cut = replies[0] if assistant_turns == "all" else replies[-1]
-        prompt, completion = messages[:cut], messages[cut : replies[-1] + 1]
+        field_name = REQUIRED_FIELDS[fmt][0]
+        messages = _as_messages(record[field_name], "user", where, field_name, roles)
+        system = record.get("system")
+        if fmt == "sharegpt" and isinstance(system, str) and system.strip():
+            if not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": system}, *messages]
+        prompt, completion = split_conversation(messages, assistant_turns)
+    if _is_empty({"prompt": prompt, "completion": completion}):
+        raise Unusable("empty_reply")
     return {"prompt": prompt, "completion": completion}
 
 
@@ -258,18 +350,23 @@ def has_multi_turn(*datasets: Dataset | None) -> bool:
     return any(count_multi_turn(dataset) > 0 for dataset in datasets if dataset is not None)
 
 
-def load_source(source: DataSource, seed: int = 42, assistant_turns: str = "all") -> Dataset:
-    """Read, validate and normalise one source; drop (and count) examples with an empty response.
+def load_source(
+    source: DataSource, seed: int = 42, assistant_turns: str = "all", drops: DropLog | None = None
+) -> Dataset:
+    """Read, validate, normalise and fingerprint one source; drop (and count in `drops`) the records that cannot
+    train.
 
     `assistant_turns`: "all" trains every assistant turn of a multi-turn conversation, "last" only its last.
     """
     if assistant_turns not in ASSISTANT_TURNS:
         raise DataError(f"`assistant_turns` must be one of {', '.join(ASSISTANT_TURNS)}, got {assistant_turns!r}")
+    drops = drops if drops is not None else DropLog()
     records = read_source(source)
     if not records:
         raise DataError(f"{source.path}: the dataset is empty")
+    drops.read += len(records)
     formats: dict[str, str] = {}  # with `auto`, the format of each file of a folder, from its first record
-    examples, empty = [], 0
+    examples = []
     for where, record in records:
         fmt = source.format
         if fmt == "auto":
@@ -277,15 +374,18 @@ def load_source(source: DataSource, seed: int = 42, assistant_turns: str = "all"
             if file not in formats:
                 formats[file] = detect_format(record, where)
             fmt = formats[file]
-        example = normalise(record, fmt, where, assistant_turns)
-        if _is_empty(example):
-            empty += 1
+        try:
+            example = normalise(record, fmt, where, assistant_turns, source.roles)
+        except Unusable as unusable:
+            drops.add(unusable.reason, where)
             continue
+        example[EXAMPLE_ID] = example_fingerprint(example)
+        drops.where[example[EXAMPLE_ID]] = where  # for the drops seen later (template, truncation)
         examples.append(example)
-    if empty:
-        logger.warning("%s: dropped %d of %d examples whose response is empty", source.path, empty, len(records))
     if not examples:
-        raise DataError(f"{source.path}: every example is empty after formatting (no response text)")
+        drops.log()
+        reasons = "; ".join(drops.describe(r) for r in drops.locations)
+        raise DataError(f"{source.path}: no record can train: {reasons}")
     dataset = Dataset.from_list(examples)
     if source.fraction < 1:
         keep = max(1, round(source.fraction * len(dataset)))
@@ -298,6 +398,7 @@ def load_source(source: DataSource, seed: int = 42, assistant_turns: str = "all"
 
 
 def sources_from_args(script_args) -> list[DataSource]:
+    role_map = getattr(script_args, "role_map", None) or {}
     if script_args.dataset_mixture is None:
         return [
             DataSource(
@@ -305,6 +406,7 @@ def sources_from_args(script_args) -> list[DataSource]:
                 format=script_args.dataset_format,
                 split=script_args.dataset_train_split,
                 name=script_args.dataset_config,
+                role_map=role_map,
             )
         ]
     mixture = script_args.dataset_mixture
@@ -317,14 +419,18 @@ def sources_from_args(script_args) -> list[DataSource]:
     if not entries:
         raise DataError("`dataset_mixture` needs a non-empty `datasets` list")
     sources = []
+    allowed = ("path", "fraction", "format", "split", "name", "role_map")
     for entry in entries:
-        unknown = set(entry) - {"path", "fraction", "format", "split", "name"} if isinstance(entry, dict) else set()
+        unknown = set(entry) - set(allowed) if isinstance(entry, dict) else set()
         if not isinstance(entry, dict) or "path" not in entry or unknown:
             problem = f"unknown key(s) {sorted(unknown)}; " if unknown else ""
             raise DataError(
-                f"dataset_mixture entry {entry}: {problem}needs `path`; allowed keys: path, fraction, format, split, name"
+                f"dataset_mixture entry {entry}: {problem}needs `path`; allowed keys: {', '.join(allowed)}"
             )
-        sources.append(DataSource(**entry))
+        entry_roles = entry.get("role_map") or {}
+        if not isinstance(entry_roles, dict):
+            raise DataError(f"dataset_mixture entry {entry}: `role_map` must be a mapping {{name: role}}")
+        sources.append(DataSource(**{**entry, "role_map": {**role_map, **entry_roles}}))
     return sources
 
 
@@ -342,14 +448,21 @@ def _deduplicate(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def load_datasets(script_args) -> tuple[Dataset, Dataset | None]:
-    """The training set and the optional held-out split, normalised, fingerprinted and de-duplicated."""
+def load_datasets(script_args, drops: DropLog | None = None) -> tuple[Dataset, Dataset | None]:
+    """The training set and the optional held-out split, normalised, fingerprinted and de-duplicated.
+
+    Records that cannot train are dropped and counted in `drops` (a new `DropLog` when None), one log line per
+    reason; too many of them stop here (`max_dropped_fraction`), before anything is written.
+    """
+    if drops is None:
+        drops = DropLog(getattr(script_args, "max_dropped_fraction", DEFAULT_MAX_DROPPED_FRACTION))
     sources = sources_from_args(script_args)
     seed = (script_args.dataset_mixture or {}).get("seed", script_args.dataset_seed)
     assistant_turns = getattr(script_args, "assistant_turns", "all")
-    parts = [load_source(source, seed, assistant_turns) for source in sources]
+    parts = [load_source(source, seed, assistant_turns, drops) for source in sources]
+    drops.log()
+    drops.check(sum(len(part) for part in parts))
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    dataset = dataset.map(lambda example: {EXAMPLE_ID: example_fingerprint(example)})
     dataset = _deduplicate(dataset).shuffle(seed=seed).flatten_indices()
     eval_dataset = None
     size = script_args.eval_split_size

@@ -5,9 +5,17 @@ the silent drop of examples that truncation leaves without a response token); th
 confidence folder before that. So the recipes call `check_training_data` (or `check_sftmix_data`) right after
 loading the data and the tokenizer: it runs TRL's own preparation on the data (no model needed), turns every count
 that would fail later (no example left, too few for the confidence split, for the reference's snapshots or for a
-micro-batch of pairs) into one `DataError` line, and returns the prepared sets. The recipes hand those to the
-trainers, which then skip their own preparation (`TruncatingSFTTrainer` recognises a prepared dataset): the data is
-tokenised once per run (twice when the stage-1 reference has a tokenizer of its own).
+micro-batch of pairs) into one `DataError` line, and returns the prepared sets (`PreparedData`). The recipes hand
+those to the trainers, which then skip their own preparation (`TruncatingSFTTrainer` recognises a prepared dataset):
+the data is tokenised once per run (twice when the stage-1 reference has a tokenizer of its own).
+
+Records that cannot train are dropped and counted (`drops.DropLog`): those the chat template refuses to render
+(`drop_unrenderable`, with the template's own message) and those that truncation leaves without a reply. With a
+reference model on another tokenizer, the examples that survive truncation must be the same under both tokenizers
+(stage 2 trains only examples stage 1 scored).
+
+These functions take datasets and return datasets or counts, or raise: they do not depend on when the recipes call
+them.
 """
 
 from __future__ import annotations
@@ -20,22 +28,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
+from jinja2.exceptions import TemplateError
+from tqdm.auto import tqdm
 from trl import SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import _tokenize
 
 from .data import EXAMPLE_ID, DataError
+from .drops import DropLog
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PreparedData:
-    """Datasets as the trainers train on them: tokenised, labelled, truncated, with `example_id` kept."""
+    """The training data of a run, as each trainer trains on it (tokenised, labelled, truncated, `example_id` kept),
+    and the normalised examples they come from (without those a chat template refuses to render)."""
 
     train: Dataset
     eval: Dataset | None = None
     reference_train: Dataset | None = None  # as the stage-1 reference trains on and scores it (its tokenizer)
+    examples: Dataset | None = None  # the normalised training examples kept: what the confidence table is keyed on
+    eval_examples: Dataset | None = None
 
 
 def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SFTTrainer, name: str = "train"):
@@ -53,6 +67,47 @@ def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SF
     )
     packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
     return preparer._prepare_dataset(dataset, tokenizer, copy.copy(args), packing, None, name)
+
+
+def drop_unrenderable(
+    dataset: Dataset | None, tokenizer, drops: DropLog | None = None, count: bool = True, name: str = "train"
+) -> Dataset | None:
+    """`dataset` without the examples the chat template refuses to render (its `raise_exception`, e.g. "roles must
+    alternate" or "system role not supported"), each counted in `drops` with the template's own message. `count`:
+    these examples enter the dropped share (False for a second tokenizer checking the same examples)."""
+    if dataset is None:
+        return None
+    drops = drops if drops is not None else DropLog()
+    if count:
+        drops.checked += len(dataset)
+    if "raise_exception" not in str(tokenizer.chat_template):
+        return dataset  # a template that never refuses (most ChatML ones): skip rendering every example
+    keep = []
+    rows = zip(dataset["prompt"], dataset["completion"], dataset[EXAMPLE_ID])
+    for index, (prompt, completion, example_id) in enumerate(
+        tqdm(rows, total=len(dataset), desc=f"Rendering {name} with the chat template", disable=len(dataset) < 20000)
+    ):
+        try:
+            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        except TemplateError as error:
+            message = str(error.message or error)
+            drops.add("template_refused", drops.location(example_id), message, stage="check", key=example_id)
+            continue
+        keep.append(index)
+    if len(keep) < len(dataset):
+        drops.log(["template_refused"])
+        dataset = dataset.select(keep)
+    return dataset
+
+
+def count_truncated(dataset: Dataset, prepared: Dataset, drops: DropLog, name: str = "training") -> int:
+    """Count in `drops` the examples of `dataset` that truncation left without a reply (absent from `prepared`)."""
+    kept = set(prepared[EXAMPLE_ID]) if EXAMPLE_ID in prepared.column_names else set()
+    lost = [example_id for example_id in dataset[EXAMPLE_ID] if example_id not in kept]
+    for example_id in lost:
+        drops.add("truncated", drops.location(example_id), stage="check", key=example_id)
+    return len(lost)
 
 
 def _too_few(dataset: Dataset, prepared: Dataset, tokenizer, args, what: str, purpose: str, needed: int) -> DataError:
@@ -93,6 +148,8 @@ def check_training_data(
     pairs_per_device: int | None = None,
     trainer_class: type = SFTTrainer,
     table_given: bool = False,
+    drops: DropLog | None = None,
+    stop_on_drops: bool = True,
 ) -> PreparedData:
     """Fail with one `DataError` line, before any write, when the data cannot train as configured.
 
@@ -105,6 +162,8 @@ def check_training_data(
             (unless a finished table already lies in `confidence_dir`, or `table_given`: the run only reads one).
         pairs_per_device: K of an SFTMix run: each half of the split needs at least K examples.
         trainer_class: the trainer that will prepare the data.
+        drops: where the examples that truncation leaves without a reply are counted; then the run also stops when
+            the dropped share passes its `max_dropped_fraction` (unless `stop_on_drops` is False: the caller checks).
 
     Returns:
         the prepared training and held-out sets, for the trainer (which then does not prepare them again).
@@ -123,19 +182,31 @@ def check_training_data(
     if len(prepared) < needed:
         purpose = "training" if confidence_config is None else "the confidence split"
         raise _too_few(train_dataset, prepared, tokenizer, training_args, "training", purpose, needed)
+    log = drops if drops is not None else DropLog()
+    # the examples this stage sees (`drop_unrenderable` may have counted them already, before its own drops)
+    log.checked = max(log.checked, len(train_dataset) + (len(eval_dataset) if eval_dataset is not None else 0))
     if len(prepared) < len(train_dataset):
+        count_truncated(train_dataset, prepared, log)
         logger.warning(
             "%d of %d training examples lose their whole response to truncation at max_length=%s and are not trained "
-            "on",
+            "on, e.g. %s",
             len(train_dataset) - len(prepared),
             len(train_dataset),
             training_args.max_length,
+            ", ".join(log.locations["truncated"]),
         )
     prepared_eval = None
     if eval_dataset is not None:
         prepared_eval = prepare_like_trl(eval_dataset, tokenizer, training_args, trainer_class, "eval")
         if len(prepared_eval) == 0:
             raise _too_few(eval_dataset, prepared_eval, tokenizer, training_args, "held-out", "evaluation", 1)
+        if len(prepared_eval) < len(eval_dataset):
+            lost = count_truncated(eval_dataset, prepared_eval, log)
+            logger.warning(
+                "%d of %d held-out examples lose their whole response to truncation", lost, len(eval_dataset)
+            )
+    if drops is not None and stop_on_drops:
+        drops.check(len(prepared))
 
     n = len(prepared)
     has_table = table_given or (confidence_dir is not None and (Path(confidence_dir) / TABLE_FILE).is_file())
@@ -157,7 +228,45 @@ def check_training_data(
                 f"{len(unconfident)} unconfident, fewer than the {pairs_per_device} pairs of a micro-batch; lower "
                 "`per_device_train_batch_size` or add data"
             )
-    return PreparedData(prepared, prepared_eval)
+    return PreparedData(prepared, prepared_eval, examples=train_dataset, eval_examples=eval_dataset)
+
+
+def _prompt_tokens(tokenizer, prompt: list[dict]) -> int:
+    """The length of a prompt as TRL tokenises it, generation prompt included: a reply keeps a token only with
+    `max_length` above it (truncation keeps the start)."""
+    return len(_tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"])
+
+
+def agreeing_max_length(prompt_lengths: list[tuple[int, int]], max_length: int) -> int:
+    """The smallest `max_length` >= the given one at which truncation (keeping the start) leaves a reply to the same
+    examples under two tokenizers: an example whose prompt is `a` tokens under one and `b` under the other keeps a reply
+    under both or neither unless min(a, b) < max_length <= max(a, b)."""
+    while True:
+        split = [max(a, b) + 1 for a, b in prompt_lengths if min(a, b) < max_length <= max(a, b)]
+        if not split:
+            return max_length
+        max_length = max(split)
+
+
+def check_same_survivors(
+    dataset: Dataset, prepared: Dataset, reference_prepared: Dataset, tokenizer, reference_tokenizer, args
+) -> None:
+    """Stop when truncation keeps other examples under the reference's tokenizer than under the model's: stage 2
+    would meet examples stage 1 never scored. Names how many, and the `max_length` that makes them agree."""
+    kept, reference_kept = set(prepared[EXAMPLE_ID]), set(reference_prepared[EXAMPLE_ID])
+    if kept == reference_kept:
+        return
+    only_model, only_reference = kept - reference_kept, reference_kept - kept
+    hint = "Raise `max_length`"
+    if args.truncation_mode == "keep_start":
+        lengths = [(_prompt_tokens(tokenizer, p), _prompt_tokens(reference_tokenizer, p)) for p in dataset["prompt"]]
+        hint = f"Set `max_length` to {agreeing_max_length(lengths, args.max_length)} or more (both then keep the same)"
+    raise DataError(
+        f"truncation at max_length={args.max_length} keeps other examples under the reference model's tokenizer "
+        f"({reference_tokenizer.name_or_path}) than under the model's ({tokenizer.name_or_path}): {len(only_model)} "
+        f"keep a reply only under the model's and {len(only_reference)} only under the reference's, so stage 2 "
+        f"would train examples stage 1 never scored. {hint}, or shorten the longest prompts"
+    )
 
 
 def check_sftmix_data(
@@ -170,30 +279,35 @@ def check_sftmix_data(
     confidence_dir: str | None,
     trainer_class: type | None = None,
     table_given: bool = False,
+    drops: DropLog | None = None,
 ) -> PreparedData:
-    """`check_training_data` for the SFTMix recipes; the data prepared once for each tokenizer.
+    """`check_training_data` for the SFTMix recipes: the data prepared once for each tokenizer, without the examples
+    the chat template(s) refuse to render (counted in `drops`).
 
     Stage 1 is checked with the reference's tokenizer (it prepares the data the reference scores); with
     `trainer_class` (the SFTMix recipe), stage 2 is checked with `tokenizer` too: the held-out set and the pairs of a
-    micro-batch. `table_given`: the run reads an existing table (`confidence_table`) and trains no reference.
-    `reference_train` of the result is the training set prepared for the reference: `train` itself when both stages
-    share the tokenizer.
+    micro-batch. With a reference on another tokenizer, the examples that keep a reply after truncation must be the
+    same under both. `table_given`: the run reads an existing table (`confidence_table`) and trains no reference.
     """
     from .model import load_tokenizer
 
+    drops = drops if drops is not None else DropLog()
+    train_dataset = drop_unrenderable(train_dataset, tokenizer, drops)
+    eval_dataset = drop_unrenderable(eval_dataset, tokenizer, drops, name="eval")
     reference = confidence_config.reference_model_name_or_path
     own_reference = bool(reference) and reference != model_args.model_name_or_path
+    reference_tokenizer = tokenizer
+    if own_reference:
+        reference_args = dataclasses.replace(model_args, model_name_or_path=reference)
+        reference_tokenizer = load_tokenizer(
+            reference_args,
+            training_args.trust_remote_code,
+            training_args.chat_template_path,
+            training_args.assistant_only_loss,
+        )
+        train_dataset = drop_unrenderable(train_dataset, reference_tokenizer, drops, count=False)
     stage1 = None
     if trainer_class is None or own_reference:  # stage 1 alone, or stage 1 with the reference's own tokenizer
-        reference_tokenizer = tokenizer
-        if own_reference:
-            reference_args = dataclasses.replace(model_args, model_name_or_path=reference)
-            reference_tokenizer = load_tokenizer(
-                reference_args,
-                training_args.trust_remote_code,
-                training_args.chat_template_path,
-                training_args.assistant_only_loss,
-            )
         stage1 = check_training_data(
             train_dataset,
             reference_tokenizer,
@@ -202,18 +316,31 @@ def check_sftmix_data(
             confidence_config,
             confidence_dir,
             table_given=table_given,
+            drops=drops if trainer_class is None else None,  # stage 2's check counts the drops when it runs
+            stop_on_drops=False,
         )
-    if trainer_class is None:
-        return PreparedData(stage1.train, None, stage1.train)
-    stage2 = check_training_data(  # stage 2 (and stage 1 when both stages tokenise alike)
-        train_dataset,
-        tokenizer,
-        training_args,
-        eval_dataset,
-        confidence_config,
-        confidence_dir,
-        pairs_per_device=training_args.pairs_per_device,
-        trainer_class=trainer_class,
-        table_given=table_given,
-    )
-    return PreparedData(stage2.train, stage2.eval, stage1.train if stage1 is not None else stage2.train)
+    if trainer_class is not None:  # stage 2 (and stage 1 when both stages tokenise alike)
+        stage2 = check_training_data(
+            train_dataset,
+            tokenizer,
+            training_args,
+            eval_dataset,
+            confidence_config,
+            confidence_dir,
+            pairs_per_device=training_args.pairs_per_device,
+            trainer_class=trainer_class,
+            table_given=table_given,
+            drops=drops,
+            stop_on_drops=False,
+        )
+    elif own_reference:  # stage 1 alone: the model's preparation only for the survivors' comparison
+        stage2 = PreparedData(prepare_like_trl(train_dataset, tokenizer, training_args))
+    else:
+        stage2 = PreparedData(stage1.train)
+    reference_train = stage1.train if stage1 is not None else stage2.train
+    if own_reference:  # before the dropped share: this stop says which max_length fixes both
+        check_same_survivors(
+            train_dataset, stage2.train, reference_train, tokenizer, reference_tokenizer, training_args
+        )
+    drops.check(len(stage2.train))
+    return PreparedData(stage2.train, stage2.eval, reference_train, train_dataset, eval_dataset)

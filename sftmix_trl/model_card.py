@@ -1,4 +1,4 @@
-"""The SFTMix-specific sections of the adapter's model card."""
+"""The SFTMix-specific sections of the adapter's model card, and the section on the records dropped from the data."""
 
 from __future__ import annotations
 
@@ -6,11 +6,24 @@ import os
 from pathlib import Path
 
 from .confidence import PLOT_FILE
+from .drops import REASONS, DropLog
 
 
 def _last(log_history: list[dict], key: str) -> float | None:
     values = [entry[key] for entry in log_history if key in entry]
     return values[-1] if values else None
+
+
+def data_card_section(drops: DropLog) -> str:
+    """Which records of the data were not trained on, and why."""
+    rows = "\n".join(f"| {REASONS[r]} | {drops.counts[r]} |" for r in REASONS if drops.counts[r])
+    if not rows:
+        return f"## Training data\n\nAll {drops.read} records read were usable (none dropped).\n"
+    return (
+        f"## Training data\n\n{drops.read} records read; {drops.dropped_fraction():.2%} dropped because they "
+        f"cannot train (the run stops above max_dropped_fraction={drops.max_dropped_fraction}):\n\n"
+        f"| reason | records |\n| --- | --- |\n{rows}\n"
+    )
 
 
 def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[str]:

@@ -150,26 +150,30 @@ class TruncatingSFTTrainer(SFTTrainer):
     def __init__(self, model, args=None, **kwargs):
         if args is not None and args.padding_free and hasattr(model, "config"):  # before Trainer creates output_dir
             check_attention(model.config._attn_implementation)
-        hide = args is not None and args.padding_free and not args.packing
-        self._preparation_max_length = args.max_length if hide else None
-        # Datasets the recipe already prepared (`data_checks`) are not tokenised again
-        skip = args is not None and all(
+        # Settings TRL must not see while it sets up; the caller's arguments get them back right after
+        overrides = {}
+        if args is not None and args.padding_free and not args.packing:  # truncated in `_prepare_dataset` instead
+            overrides["max_length"] = None
+        if args is not None and all(
             is_prepared(kwargs.get(name), args.max_length) for name in ("train_dataset", "eval_dataset")
-        )
-        dataset_kwargs = args.dataset_kwargs if args is not None else None
-        if self._preparation_max_length is not None:
-            args.max_length = None
-        if skip:
-            args.dataset_kwargs = {**(dataset_kwargs or {}), "skip_prepare_dataset": True}
+        ):  # datasets the recipe already prepared (`data_checks`) are not tokenised again
+            overrides["dataset_kwargs"] = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        # `load_tokenizer` already read a `chat_template_path` .jinja into the tokenizer, and marked it for
+        # `assistant_only_loss`: TRL would read the file again over the marked copy (a model id is TRL's to clone)
+        template_path = getattr(args, "chat_template_path", None) if kwargs.get("processing_class") else None
+        if template_path is not None and template_path.endswith(".jinja"):
+            overrides["chat_template_path"] = None
+        self._preparation_max_length = args.max_length if "max_length" in overrides else None
+        saved = {name: getattr(args, name) for name in overrides}
         try:
+            for name, value in overrides.items():
+                setattr(args, name, value)
             super().__init__(model, args=args, **kwargs)
         finally:
-            if self._preparation_max_length is not None:
-                args.max_length = self._preparation_max_length
-            if skip:
-                args.dataset_kwargs = dataset_kwargs
-        if skip:  # a dataset handed to `evaluate` later is prepared as usual
-            self._skip_prepare_dataset = bool((dataset_kwargs or {}).get("skip_prepare_dataset"))
+            for name, value in saved.items():
+                setattr(args, name, value)
+        if "dataset_kwargs" in overrides:  # a dataset handed to `evaluate` later is prepared as usual
+            self._skip_prepare_dataset = bool((saved["dataset_kwargs"] or {}).get("skip_prepare_dataset"))
         if self.padding_free:  # a model TRL loaded from its name, or BFD packing (padding-free too)
             check_attention(self.accelerator.unwrap_model(self.model).config._attn_implementation)
 

@@ -15,7 +15,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import hub
 from .atomic import atomic_write
+from .chat_templates import user_chat_template
 from .errors import SFTMixError
+from .model_card import data_card_section
 
 logger = logging.getLogger("sftmix_trl")
 RUN_FILE = "sftmix_run.json"
@@ -76,13 +78,16 @@ def check_output_dir(
     )
 
 
-def record_run(training_args, run_config: dict, recipe: str) -> None:
-    """Write the run's configuration (no secrets) into `output_dir`, for `check_output_dir` and for the model card."""
+def record_run(training_args, run_config: dict, recipe: str, drops=None) -> None:
+    """Write the run's configuration (no secrets) into `output_dir`, for `check_output_dir` and for the model card,
+    with the counts of the records dropped because they cannot train (`drops`, a `DropLog`)."""
     if not training_args.should_save:
         return
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"recipe": recipe, "argv": hub.redact(" ".join(sys.argv)), "config": run_config}
+    if drops is not None:
+        payload["data"] = drops.as_dict()
     atomic_write(out / RUN_FILE, json.dumps(payload, indent=2, default=str))
 
 
@@ -116,6 +121,16 @@ def launch(main, dataclass_types: tuple[type, ...]) -> None:
         raise SystemExit(f"error: {error}") from None
 
 
+def save_tokenizer(tokenizer, output_dir: str) -> None:
+    """Save `tokenizer` with the chat template the user gave it: the marked copy that training every assistant turn
+    swapped in renders the same text, but the user's template is the one to publish and to generate with."""
+    training_template, tokenizer.chat_template = tokenizer.chat_template, user_chat_template(tokenizer)
+    try:
+        tokenizer.save_pretrained(output_dir)
+    finally:
+        tokenizer.chat_template = training_template
+
+
 def train_save_publish(
     trainer,
     tokenizer,
@@ -127,11 +142,13 @@ def train_save_publish(
     resume: str | None,
     method: str = "NTP",
     card_sections=lambda log_history: [],
+    drops=None,
 ) -> None:
     """Train (or resume), then save the adapter, tokenizer, trainer state and model card, then publish if asked.
 
     `push` is the user's `push_to_hub`: the trainer runs with it off, so that an offline machine fails only here,
-    after everything is saved locally.
+    after everything is saved locally. The saved tokenizer carries the user's own chat template, not the marked
+    training copy. `drops` (a `DropLog`): the records dropped, for the model card.
     """
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
@@ -139,7 +156,7 @@ def train_save_publish(
     if trainer.is_world_process_zero():
         # A pickle of the arguments; `sftmix_run.json` records them as JSON (checkpoints keep theirs for resuming)
         (Path(training_args.output_dir) / "training_args.bin").unlink(missing_ok=True)
-        tokenizer.save_pretrained(training_args.output_dir)
+        save_tokenizer(tokenizer, training_args.output_dir)
         hub.write_model_card(
             training_args.output_dir,
             base_model=model_args.model_name_or_path,
@@ -147,7 +164,7 @@ def train_save_publish(
             method=method,
             settings=hub.card_settings(training_args, model_args),
             launch_line=hub.launch_line(recipe),
-            sections=card_sections(trainer.state.log_history),
+            sections=card_sections(trainer.state.log_history) + ([data_card_section(drops)] if drops else []),
             hub_model_id=training_args.hub_model_id,
         )
         logger.info("adapter saved to %s", training_args.output_dir)

@@ -132,7 +132,7 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
             os.path.join(os.path.expanduser(self.confidence_table), "confidence.parquet")
         ):
             raise ValueError(
-                f"`confidence_table`: no finished table in {self.confidence_table} (expected confidence.parquet there); "
+                f"`confidence_table`: no confidence table in {self.confidence_table} (expected confidence.parquet there); "
                 "leave it unset to compute one in `confidence_dir`"
             )
 

@@ -96,8 +96,8 @@ def test_messages_last_assistant_turn_is_the_completion(tmp_path):
     ]
 
 
-def test_messages_without_an_assistant_turn_is_an_error(tmp_path):
-    with pytest.raises(DataError, match=r"line 1: 'messages' needs an assistant turn"):
+def test_messages_without_an_assistant_turn_cannot_train(tmp_path):
+    with pytest.raises(DataError, match=r"no record can train: 1 no assistant reply after a prompt, e\.g\. .*line 1"):
         load_records(tmp_path, [{"messages": USER_Q}])
 
 
@@ -280,16 +280,18 @@ def test_empty_file(tmp_path, name):
 
 def test_every_response_empty(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q1", "completion": ""}, {"prompt": "q2", "completion": "  \n"}])
-    with pytest.raises(DataError, match=r"every example is empty"):
+    with pytest.raises(DataError, match=r"no record can train: 2 every assistant reply is empty, e\.g\. .*line 1, "):
         load_source(DataSource(str(tmp_path / "d.jsonl")))
 
 
 def test_some_empty_responses_are_dropped_with_a_warning(tmp_path, caplog):
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q1", "completion": ""}, {"prompt": "q2", "completion": "a"}])
-    with caplog.at_level(logging.WARNING, logger="sftmix_trl.data"):
-        loaded = rows(load_source(DataSource(str(tmp_path / "d.jsonl"))))
+    with caplog.at_level(logging.WARNING, logger="sftmix_trl"):
+        loaded = rows(
+            load_datasets(ScriptArguments(dataset_name=str(tmp_path / "d.jsonl"), max_dropped_fraction=0.5))[0]
+        )
     assert [r["prompt"][0]["content"] for r in loaded] == ["q2"]
-    assert "dropped 1 of 2 examples whose response is empty" in caplog.text
+    assert "dropped 1 every assistant reply is empty, e.g. " in caplog.text and "d.jsonl, line 1" in caplog.text
 
 
 @pytest.mark.parametrize("fraction", [0, -0.5, 1.5])

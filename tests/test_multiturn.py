@@ -116,7 +116,7 @@ def test_a_conversation_is_split_at_its_first_reply_and_keeps_a_stable_distinct_
 def test_trailing_user_message_is_dropped_and_empty_replies_are_not_trained_examples(tmp_path):
     messages = conversation(2) + [{"role": "user", "content": "Thanks!"}]
     empty = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}] * 2
-    dataset = load(tmp_path, [{"messages": messages}, {"messages": empty}])
+    dataset = load(tmp_path, [{"messages": messages}, {"messages": empty}], max_dropped_fraction=0.5)
     assert len(dataset) == 1 and dataset[0]["completion"] == conversation(2)[2:]
 
 

@@ -297,7 +297,7 @@ def bad_input_dir(tmp_path):
         ("sft", ["--dataset_name", "{d}/missing_field.jsonl"], r"missing_field.jsonl, line 2: missing field 'output'"),
         ("sft", ["--dataset_name", "{d}/malformed.jsonl"], r"malformed.jsonl, line 2: malformed JSON"),
         ("sft", ["--dataset_name", "{d}/empty.jsonl"], r"empty.jsonl: the dataset is empty"),
-        ("sft", ["--dataset_name", "{d}/blank.jsonl"], r"every example is empty"),
+        ("sft", ["--dataset_name", "{d}/blank.jsonl"], r"no record can train: 2 every assistant reply is empty"),
         ("sft", ["--model_name_or_path", "/no/such/model"], r"model path does not exist: /no/such/model"),
         ("sftmix", ["--per_device_train_batch_size", "3"], r"must be even"),
         ("sftmix", ["--confidence_table", "{d}/none"], r"no confidence table in .*none"),

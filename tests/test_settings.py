@@ -63,7 +63,7 @@ def test_the_paired_sampler_draws_from_data_seed_like_transformers_samplers(tiny
     [
         (dict(push_confidence_table=True), r"`push_confidence_table` uploads the table with the adapter: set `push_to_hub: true`"),
         (dict(push_confidence_table=True, push_to_hub=True, hub_model_id="me/x", confidence_dir="/elsewhere"), r"the table is in /elsewhere"),
-        (dict(confidence_table="/no/such/table"), r"`confidence_table`: no finished table in /no/such/table"),
+        (dict(confidence_table="/no/such/table"), r"`confidence_table`: no confidence table in /no/such/table"),
         (dict(reference_gradient_accumulation_steps=0), r"`reference_gradient_accumulation_steps` must be >= 1"),
         (dict(reference_learning_rate=0.0), r"`reference_learning_rate` must be > 0"),
     ],

@@ -151,7 +151,9 @@ def expected_metadata(train_dataset: Dataset, model_args, training_args, config:
     runs over each example's completion (its only or last assistant turn).
     """
     reference = config.reference_model_name_or_path or model_args.model_name_or_path
-    chat_template = getattr(training_args, "chat_template_path", None) or tokenizer.chat_template or ""
+    # The template's content as rendered (a `chat_template_path` file edited in place must not reuse the table)
+    chat_template = tokenizer.chat_template or ""
+    chat_template = json.dumps(chat_template, sort_keys=True) if isinstance(chat_template, dict) else chat_template
     return {
         "dataset_fingerprint": dataset_fingerprint(list(train_dataset[EXAMPLE_ID])),
         "num_examples": len(train_dataset),

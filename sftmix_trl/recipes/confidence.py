@@ -15,6 +15,7 @@ from ..confidence import ConfidenceConfig, compute_confidence
 from ..configs import ModelArguments, ScriptArguments
 from ..data import has_multi_turn, load_datasets
 from ..data_checks import check_sftmix_data
+from ..drops import DropLog
 from ..model import load_tokenizer
 from ..runs import launch, setup_logging
 from ..sftmix_config import SFTMixConfig
@@ -25,7 +26,8 @@ ARGUMENTS = (ScriptArguments, SFTMixConfig, ModelArguments)
 
 def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: ModelArguments) -> None:
     setup_logging(training_args)
-    train_dataset, _ = load_datasets(script_args)
+    drops = DropLog(script_args.max_dropped_fraction)
+    train_dataset, _ = load_datasets(script_args, drops)
     config = ConfidenceConfig.from_args(training_args)
     # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation
     # markers
@@ -37,10 +39,10 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         training_args.assistant_only_loss,
     )
     data = check_sftmix_data(
-        train_dataset, None, tokenizer, model_args, training_args, config, training_args.confidence_dir
+        train_dataset, None, tokenizer, model_args, training_args, config, training_args.confidence_dir, drops=drops
     )
     table = compute_confidence(
-        train_dataset, model_args, training_args, config, training_args.confidence_dir, prepared=data.reference_train
+        data.examples, model_args, training_args, config, training_args.confidence_dir, prepared=data.reference_train
     )
     meta = table.metadata
     logger.info(

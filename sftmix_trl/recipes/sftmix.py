@@ -10,6 +10,7 @@ from ..confidence import ConfidenceConfig, compute_confidence
 from ..configs import ModelArguments, ScriptArguments
 from ..data import has_multi_turn, load_datasets
 from ..data_checks import check_sftmix_data
+from ..drops import DropLog
 from ..model import load_model, load_tokenizer, lora_config
 from ..model_card import sftmix_card_sections
 from ..runs import (
@@ -34,7 +35,8 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     check_output_dir(
         training_args, config, resume, script_args.overwrite_output_dir, keep=training_args.confidence_dir
     )
-    train_dataset, eval_dataset = load_datasets(script_args)
+    drops = DropLog(script_args.max_dropped_fraction)
+    train_dataset, eval_dataset = load_datasets(script_args, drops)
     confidence_config = ConfidenceConfig.from_args(training_args)
     table_dir = training_args.confidence_table or training_args.confidence_dir
     # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation
@@ -56,9 +58,10 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         table_dir,
         SFTMixTrainer,
         table_given=training_args.confidence_table is not None,
+        drops=drops,
     )
     table = compute_confidence(
-        train_dataset,
+        data.examples,
         model_args,
         training_args,
         confidence_config,
@@ -78,7 +81,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
-    record_run(training_args, config, "sftmix.py")
+    record_run(training_args, config, "sftmix.py", drops)
     train_save_publish(
         trainer,
         tokenizer,
@@ -90,6 +93,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         resume,
         method="SFTMix",
         card_sections=lambda history: sftmix_card_sections(table, history, training_args),
+        drops=drops,
     )
 
 
