@@ -225,6 +225,233 @@ def detect(args) -> None:
     (RESULTS / "noise_detection_detect.json").write_text(json.dumps(out, indent=2))
 
 
+def _variant(args, work: Path):
+    """The benchmark's main variant (rate `--rate`, seed `--seed` of the `--examples` records), loaded, and the ids
+    of its injected examples; and the clean held-out records that follow them in the draw."""
+    records = sample_records(DATA, args.examples + args.held_out)
+    noisy, injected = inject_noise(records[: args.examples], args.rate, args.seed)
+    dataset = _load(noisy, work, f"r{args.rate}-s{args.seed}")
+    return dataset, _injected_ids(dataset, noisy, injected), _load(records[args.examples :], work, "held-out")
+
+
+def _base_scores(args, work: Path) -> dict:
+    path = work / f"base-r{args.rate}-s{args.seed}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: run the `detect` step first (same --examples, --max_length, --work)")
+    return json.loads(path.read_text())
+
+
+def stage1(args) -> None:
+    """The whole stage 1 through `compute_confidence` on the main variant, its data report with the reference's
+    prompt fit; the base's prompt fit of the same examples comes from `detect` (same model, data and max_length)."""
+    from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
+    from sftmix_trl.data_report import load_report
+
+    work = Path(args.work)
+    dataset, injected_ids, _ = _variant(args, work)
+    base = _base_scores(args, work)
+    model_args, training_args = _demo_args(
+        work, args.max_length, output_dir=str(work / "stage1"), prompt_fit_model="reference"
+    )
+    start = time.perf_counter()
+    table = compute_confidence(
+        dataset, model_args, training_args, ConfidenceConfig.from_args(training_args), training_args.confidence_dir
+    )
+    seconds = time.perf_counter() - start
+    report = load_report(training_args.confidence_dir).to_pydict()
+    ids = report["example_id"]
+    if sorted(ids) != sorted(base):
+        raise SystemExit("the stage-1 examples are not those `detect` scored: same --examples and --max_length?")
+    signals = {
+        "confidence": -np.asarray(report["confidence"]),  # low confidence = suspicious
+        "variability": np.asarray(report["variability"]),
+        "prompt_fit_base": np.array([base[i]["prompt_fit_base"] for i in ids]),
+        "prompt_fit_reference": np.asarray(report["prompt_fit"]),
+    }
+    from sftmix_trl.data_report import suspicious_score
+
+    signals["suspicious"] = suspicious_score(signals["prompt_fit_base"])  # the report's default (base) ranking
+    metrics = signal_metrics(signals, [i in injected_ids for i in ids])
+    print(json.dumps(metrics, indent=1))
+    meta = table.metadata
+    out = {
+        "examples": args.examples,
+        "rate": args.rate,
+        "seed": args.seed,
+        "injected": len(injected_ids),
+        "max_length": args.max_length,
+        "stage1_seconds": seconds,
+        "reference_training_seconds": meta.get("reference_training_seconds"),
+        "scoring_seconds": [s["seconds"] for s in meta.get("scoring", [])],
+        "prompt_fit_reference_seconds": meta.get("data_report", {}).get("prompt_fit_seconds"),
+        "results": metrics,
+    }
+    (RESULTS / "noise_detection_stage1.json").write_text(json.dumps(out, indent=2))
+
+
+def _held_out_loss(model, tokenizer, held_out_prepared) -> float:
+    """Token-weighted mean NLL of the held-out responses (log of their pooled perplexity)."""
+    from sftmix_trl.confidence import score_perplexities
+
+    ppl, counts, _ = score_perplexities(model, held_out_prepared, 16, tokenizer.pad_token_id, "held-out")
+    return float((np.log(ppl) * counts).sum() / counts.sum())
+
+
+def exclusion(args) -> None:
+    """NTP for one epoch (the reference's settings) on the noisy variant without its `--exclude` most suspicious
+    share, against the same run on everything (the stage-1 reference: its last snapshot), on clean held-out data."""
+    from sftmix_trl.confidence import ConfidenceConfig
+    from sftmix_trl.confidence.reference import _check_snapshot, _reference_args
+    from sftmix_trl.data import EXAMPLE_ID
+    from sftmix_trl.data_report import num_excluded, suspicious_ranks, suspicious_score
+    from sftmix_trl.model import load_model, load_tokenizer, lora_config
+    from sftmix_trl.padding_free import TruncatingSFTTrainer
+    from sftmix_trl.sharded import load_adapter_state
+
+    work = Path(args.work)
+    dataset, injected_ids, held_out = _variant(args, work)
+    base = _base_scores(args, work)
+    ids = sorted(base)
+    ranks = suspicious_ranks(ids, suspicious_score(np.array([base[i]["prompt_fit_base"] for i in ids])))
+    left_out = {i for i, r in zip(ids, ranks) if r <= num_excluded(len(ids), args.exclude)}
+    arms = {
+        f"top {args.exclude:.0%} suspicious left out": dataset.filter(
+            lambda i: i not in left_out, input_columns=EXAMPLE_ID
+        ),
+        "all examples": dataset,
+    }
+    snapshots = work / "stage1" / "confidence" / "snapshots"
+    model_args, training_args = _demo_args(work, args.max_length, output_dir=str(work / "exclusion"))
+    config = ConfidenceConfig.from_args(training_args)
+    tokenizer = load_tokenizer(model_args, False, None, False)
+    rows = []
+    for name, data in arms.items():
+        start = time.perf_counter()
+        trainer = TruncatingSFTTrainer(
+            model=load_model(model_args, False),
+            args=_reference_args(training_args, config, work / "exclusion"),
+            train_dataset=data,
+            eval_dataset=held_out,
+            processing_class=tokenizer,
+            peft_config=lora_config(model_args),
+        )
+        if name == "all examples" and snapshots.is_dir():
+            # The stage-1 reference is this very run on all examples: its last snapshot, once `stage1` (running
+            # beside this step) has written it, instead of training again
+            last = lambda: json.loads((snapshots / "steps.json").read_text())[-1]  # noqa: E731
+            while not (snapshots / "steps.json").is_file() or not (snapshots / f"step-{last()}").is_dir():
+                time.sleep(30)
+            load_adapter_state(trainer.model, _check_snapshot(snapshots / f"step-{last()}"))
+        else:
+            trainer.train()
+        loss = _held_out_loss(trainer.model, tokenizer, trainer.eval_dataset)
+        rows.append(
+            {
+                "arm": name,
+                "train_examples": len(data),
+                "injected_in_training": len(set(data[EXAMPLE_ID]) & injected_ids),
+                "held_out_loss": loss,
+                "held_out_perplexity": float(np.exp(loss)),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        print(rows[-1])
+        del trainer
+    out = {"examples": args.examples, "rate": args.rate, "seed": args.seed, "held_out": len(held_out), "rows": rows}
+    (RESULTS / "noise_detection_exclusion.json").write_text(json.dumps(out, indent=2))
+
+
+def _fmt(metrics: dict) -> str:
+    return f"{metrics['auroc']:.2f} | {metrics['precision']:.0%} | {metrics['recall']:.0%}"
+
+
+def table(args) -> None:
+    """benchmarks/results/noise_detection.md from the JSON files of the three steps."""
+    detect_out = json.loads((RESULTS / "noise_detection_detect.json").read_text())
+    lines = [
+        "# Finding injected mismatched answers with the stage-1 signals",
+        "",
+        "Made by `benchmarks/noise_detection.py` (steps detect, stage1, exclusion, table) on a shared 2-core CPU. "
+        f"{detect_out['examples']} distinct records of medical_meadow_small.json; a share of them get another "
+        "chosen record's answer (a random cycle among the chosen); SmolLM2-135M-Instruct in 4 bits, "
+        f"max_length {detect_out['max_length']}. Flagged: the top {FLAGGED_SHARE:.0%} of each signal. Precision: "
+        "injected among the flagged; recall: flagged among the injected; AUROC: injected vs clean.",
+        "",
+        "## Base model (no reference needed): every rate and seed",
+        "",
+        "| noise rate | seed | injected | perplexity (base) AUROC / precision / recall "
+        "| prompt fit (base) AUROC / precision / recall |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in detect_out["results"]:
+        lines.append(
+            f"| {row['rate']:.0%} | {row['seed']} | {row['injected']} | {_fmt(row['perplexity_base'])} | "
+            f"{_fmt(row['prompt_fit_base'])} |"
+        )
+    by_rate = {}
+    for row in detect_out["results"]:
+        by_rate.setdefault(row["rate"], []).append(row["prompt_fit_base"])
+    lines += ["", "Prompt fit (base), mean over seeds:", ""]
+    for rate, metrics in by_rate.items():
+        mean = {k: float(np.mean([m[k] for m in metrics])) for k in ("auroc", "precision", "recall")}
+        lines.append(
+            f"- {rate:.0%} noise: AUROC {mean['auroc']:.2f}, precision {mean['precision']:.0%}, "
+            f"recall {mean['recall']:.0%} ({len(metrics)} seeds)"
+        )
+    lines.append(
+        f"\nBase passes: {detect_out['rows_scored']} rows twice (prompted, alone) in "
+        f"{detect_out['scoring_seconds']:.0f} s."
+    )
+    stage1_path = RESULTS / "noise_detection_stage1.json"
+    if stage1_path.is_file():
+        out = json.loads(stage1_path.read_text())
+        lines += [
+            "",
+            f"## Every signal, one reference run ({out['rate']:.0%} noise, seed {out['seed']}, "
+            f"{out['injected']} injected of {out['examples']})",
+            "",
+            "Stage 1 through `compute_confidence` (reference: LoRA r=16, 1 epoch, C = 3 snapshots).",
+            "",
+            "| signal (suspicious when) | AUROC | precision in top 10% | recall in top 10% |",
+            "| --- | --- | --- | --- |",
+        ]
+        when = {
+            "confidence": "SFTMix confidence (low)",
+            "variability": "variability across snapshots (high)",
+            "prompt_fit_base": "prompt fit, base model (high)",
+            "prompt_fit_reference": "prompt fit, reference's last snapshot (high)",
+            "suspicious": "`suspicious_rank` of the report (= prompt fit, base)",
+        }
+        for name, metrics in out["results"].items():
+            lines.append(f"| {when[name]} | {_fmt(metrics)} |")
+        lines += [
+            "",
+            f"Time: stage 1 {out['stage1_seconds']:.0f} s (reference training {out['reference_training_seconds']:.0f} "
+            f"s, {len(out['scoring_seconds'])} scoring passes {sum(out['scoring_seconds']):.0f} s); the reference's "
+            f"prompt-fit pass {out['prompt_fit_reference_seconds']:.0f} s.",
+        ]
+    exclusion_path = RESULTS / "noise_detection_exclusion.json"
+    if exclusion_path.is_file():
+        out = json.loads(exclusion_path.read_text())
+        lines += [
+            "",
+            f"## Leaving the suspicious share out: held-out loss ({out['rate']:.0%} noise, {out['held_out']} clean "
+            "held-out records)",
+            "",
+            "NTP, 1 epoch, the reference's settings (LoRA r=16, lr 2e-4, batch 8), the same seed.",
+            "",
+            "| trained on | examples | injected among them | held-out loss | held-out perplexity |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in out["rows"]:
+            lines.append(
+                f"| {row['arm']} | {row['train_examples']} | {row['injected_in_training']} | "
+                f"{row['held_out_loss']:.4f} | {row['held_out_perplexity']:.3f} |"
+            )
+    (RESULTS / "noise_detection.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["detect", "stage1", "exclusion", "table"])
@@ -233,8 +460,12 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.05, 0.10, 0.20])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "noise_detection"))
+    parser.add_argument("--rate", type=float, default=0.10, help="stage1/exclusion: the noise rate")
+    parser.add_argument("--seed", type=int, default=0, help="stage1/exclusion: the noise seed")
+    parser.add_argument("--held_out", type=int, default=60, help="exclusion: clean held-out records")
+    parser.add_argument("--exclude", type=float, default=0.10, help="exclusion: the share left out")
     args = parser.parse_args()
-    {"detect": detect}[args.step](args)
+    {"detect": detect, "stage1": stage1, "exclusion": exclusion, "table": table}[args.step](args)
 
 
 if __name__ == "__main__":
