@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_recipe, write_jsonl
 from datasets import Dataset
+from test_confidence import _confidence_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftmix_trl.confidence import ConfidenceConfig, ConfidenceError, ConfidenceTable, compute_confidence
@@ -22,7 +23,6 @@ from sftmix_trl.data_report import (
     write_report,
 )
 from sftmix_trl.prompt_fit import prompt_fit, response_frame_ids, score_prompt_fit, strip_prompts
-from sftmix_trl.sftmix_config import SFTMixConfig
 
 
 def _hand_ppl(model, sequence: list[int], first: int) -> float:
@@ -148,19 +148,7 @@ def test_config_checks_the_report_settings():
 
 
 def _args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "run"),
-        report_to="none",
-        per_device_train_batch_size=4,
-        max_length=96,
-        reference_batch_size=4,
-        scoring_batch_size=8,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        report_top_k=5,
-    )
-    values.update(overrides)
-    return SFTMixConfig(**values)
+    return _confidence_args(tmp_path, report_top_k=5, **overrides)
 
 
 def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_training(tiny_model, tmp_path, monkeypatch):
