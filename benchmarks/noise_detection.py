@@ -249,15 +249,13 @@ def stage1(args) -> None:
 
     work = Path(args.work)
     dataset, injected_ids, _ = _variant(args, work)
-    base = _base_scores(args, work)
     model_args, training_args = _demo_args(
         work, args.max_length, output_dir=str(work / "stage1"), prompt_fit_model="reference"
     )
-    start = time.perf_counter()
-    table = compute_confidence(
+    table = compute_confidence(  # a finished run is reused: a rerun of this step only recomputes the metrics
         dataset, model_args, training_args, ConfidenceConfig.from_args(training_args), training_args.confidence_dir
     )
-    seconds = time.perf_counter() - start
+    base = _base_scores(args, work)  # `detect` may run beside this step: read once stage 1 is done
     report = load_report(training_args.confidence_dir).to_pydict()
     ids = report["example_id"]
     if sorted(ids) != sorted(base):
@@ -271,6 +269,10 @@ def stage1(args) -> None:
     from sftmix_trl.data_report import suspicious_score
 
     signals["suspicious"] = suspicious_score(signals["prompt_fit_base"])  # the report's default (base) ranking
+    # A combination, to check that nothing is left on the table: the mean of the rank percentiles of the base's
+    # prompt fit and of low confidence
+    percentile = lambda x: np.argsort(np.argsort(x)) / (len(x) - 1)  # noqa: E731
+    signals["combined"] = (percentile(signals["prompt_fit_base"]) + percentile(signals["confidence"])) / 2
     metrics = signal_metrics(signals, [i in injected_ids for i in ids])
     print(json.dumps(metrics, indent=1))
     meta = table.metadata
@@ -280,7 +282,6 @@ def stage1(args) -> None:
         "seed": args.seed,
         "injected": len(injected_ids),
         "max_length": args.max_length,
-        "stage1_seconds": seconds,
         "reference_training_seconds": meta.get("reference_training_seconds"),
         "scoring_seconds": [s["seconds"] for s in meta.get("scoring", [])],
         "prompt_fit_reference_seconds": meta.get("data_report", {}).get("prompt_fit_seconds"),
@@ -421,14 +422,16 @@ def table(args) -> None:
             "prompt_fit_base": "prompt fit, base model (high)",
             "prompt_fit_reference": "prompt fit, reference's last snapshot (high)",
             "suspicious": "`suspicious_rank` of the report (= prompt fit, base)",
+            "combined": "mean rank percentile of prompt fit (base) and low confidence",
         }
         for name, metrics in out["results"].items():
             lines.append(f"| {when[name]} | {_fmt(metrics)} |")
         lines += [
             "",
-            f"Time: stage 1 {out['stage1_seconds']:.0f} s (reference training {out['reference_training_seconds']:.0f} "
-            f"s, {len(out['scoring_seconds'])} scoring passes {sum(out['scoring_seconds']):.0f} s); the reference's "
-            f"prompt-fit pass {out['prompt_fit_reference_seconds']:.0f} s.",
+            f"Time (a shared, loaded CPU: compare within the run only): reference training "
+            f"{out['reference_training_seconds']:.0f} s, {len(out['scoring_seconds'])} scoring passes "
+            f"{sum(out['scoring_seconds']):.0f} s, the reference's prompt-fit pass (response alone) "
+            f"{out['prompt_fit_reference_seconds']:.0f} s.",
         ]
     exclusion_path = RESULTS / "noise_detection_exclusion.json"
     if exclusion_path.is_file():
@@ -448,6 +451,27 @@ def table(args) -> None:
                 f"| {row['arm']} | {row['train_examples']} | {row['injected_in_training']} | "
                 f"{row['held_out_loss']:.4f} | {row['held_out_perplexity']:.3f} |"
             )
+    if args.demo_metadata:
+        meta = json.loads(Path(args.demo_metadata).read_text())
+        scoring = sum(s["seconds"] for s in meta["scoring"])
+        report = meta["data_report"]["prompt_fit_seconds"]
+        stage = meta["reference_training_seconds"] + scoring
+        lines += [
+            "",
+            "## Cost of the report in the demo's stage 1",
+            "",
+            "`recipes/confidence.py --config configs/demo/sftmix_qlora.yaml` (SmolLM2-135M-Instruct, 4 bits, "
+            f"{meta['num_scored']} examples, max_length {meta['run']['max_length']}, C = "
+            f"{len(meta['snapshot_steps'])}), from its metadata.json:",
+            "",
+            "| part | seconds | share of stage 1 without the report |",
+            "| --- | --- | --- |",
+            f"| reference training (1 epoch) | {meta['reference_training_seconds']:.0f} | "
+            f"{meta['reference_training_seconds'] / stage:.0%} |",
+            f"| {len(meta['scoring'])} scoring passes | {scoring:.0f} | {scoring / stage:.0%} |",
+            f"| prompt fit, {meta['data_report']['prompt_fit_model']} model (prompted + alone) | {report:.0f} | "
+            f"{report / stage:.0%} |",
+        ]
     (RESULTS / "noise_detection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -464,6 +488,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="stage1/exclusion: the noise seed")
     parser.add_argument("--held_out", type=int, default=60, help="exclusion: clean held-out records")
     parser.add_argument("--exclude", type=float, default=0.10, help="exclusion: the share left out")
+    parser.add_argument("--demo_metadata", help="table: metadata.json of the demo's stage 1, for the cost section")
     args = parser.parse_args()
     {"detect": detect, "stage1": stage1, "exclusion": exclusion, "table": table}[args.step](args)
 
