@@ -54,7 +54,10 @@ def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[
     data_map = Path(training_args.confidence_dir) / DATA_MAP
     if picture and data_map.is_file():  # the data report, beside the table
         relative = os.path.relpath(data_map.parent, training_args.output_dir)
-        picture += f"\n![Data map]({relative}/{DATA_MAP})\n\nMost suspicious examples: [{REPORT_PAGE}]({relative}/{REPORT_PAGE})\n"
+        picture += (
+            f"\n![Data map]({relative}/{DATA_MAP})\n\nThe most suspicious training examples, with their text: "
+            f"`{relative}/{REPORT_PAGE}` in the run's folder (not uploaded: it quotes the training data).\n"
+        )
     return [
         f"## Confidence split (SFTMix stage 1)\n\n| | |\n| --- | --- |\n{split}\n{picture}",
         f"## Training figures (last logged values)\n\n| metric | value |\n| --- | --- |\n{training}\n",
