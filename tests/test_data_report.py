@@ -148,7 +148,7 @@ def test_config_checks_the_report_settings():
 
 
 def _args(tmp_path, **overrides):
-    return _confidence_args(tmp_path, report_top_k=5, **overrides)
+    return _confidence_args(tmp_path, **{"report_top_k": 5, **overrides})
 
 
 def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_training(tiny_model, tmp_path, monkeypatch):
@@ -183,6 +183,18 @@ def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_traini
     by_id = {r[EXAMPLE_ID]: r for r in pq.read_table(directory / "report.parquet").to_pylist()}
     last = dict(zip(table.example_ids, table.perplexities[:, -1]))
     assert all(by_id[i]["ppl_given_prompt"] == pytest.approx(last[i]) for i in table.example_ids)
+
+    # `sftmix-trl report` with another length of page: the cached scores, the files written again
+    from sftmix_trl.recipes.report import main as report_main
+
+    script_args = ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=16)
+    monkeypatch.setattr("sftmix_trl.prompt_fit.score_perplexities", lambda *a, **k: pytest.fail("scored again"))
+    report_main(
+        script_args,
+        _args(tmp_path, num_confidence_checkpoints=2, prompt_fit_model="reference", report_top_k=3),
+        model_args,
+    )
+    assert (directory / "report.md").read_text().count("\n### ") == 3
 
 
 @pytest.mark.slow
