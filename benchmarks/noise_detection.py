@@ -226,56 +226,70 @@ def detect(args) -> None:
 
 
 def _variant(args, work: Path):
-    """The benchmark's main variant (rate `--rate`, seed `--seed` of the `--examples` records), loaded, and the ids
-    of its injected examples; and the clean held-out records that follow them in the draw."""
+    """The variant `--rate`, `--seed` of the `--examples` records, loaded, and the ids of its injected examples; and
+    `--held_out` clean records that follow them in the draw."""
     records = sample_records(DATA, args.examples + args.held_out)
     noisy, injected = inject_noise(records[: args.examples], args.rate, args.seed)
-    dataset = _load(noisy, work, f"r{args.rate}-s{args.seed}")
+    dataset = _load(noisy, work, f"n{args.examples}-r{args.rate}-s{args.seed}")
     return dataset, _injected_ids(dataset, noisy, injected), _load(records[args.examples :], work, "held-out")
 
 
-def _base_scores(args, work: Path) -> dict:
-    path = work / f"base-r{args.rate}-s{args.seed}.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} missing: run the `detect` step first (same --examples, --max_length, --work)")
-    return json.loads(path.read_text())
+def _stage1_report(dataset, work: Path, max_length: int, prompt_fit_model: str) -> tuple[dict, float | None]:
+    """Stage 1 through `compute_confidence`, as a user's run does, with the data report of `prompt_fit_model` (kept
+    as report-<model>.parquet); the second model's report reuses the table and runs only its own passes, as
+    `sftmix-trl report` does. Returns the report and the seconds of its prompt-fit passes (None: made before)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
+    from sftmix_trl.data_report import REPORT_TABLE
+
+    model_args, training_args = _demo_args(
+        work, max_length, output_dir=str(work / "stage1"), prompt_fit_model=prompt_fit_model
+    )
+    directory = Path(training_args.confidence_dir)
+    kept = directory / f"report-{prompt_fit_model}.parquet"
+    seconds = None
+    if not kept.is_file():
+        (directory / REPORT_TABLE).unlink(missing_ok=True)  # so that stage 1 writes this model's report
+        table = compute_confidence(
+            dataset, model_args, training_args, ConfidenceConfig.from_args(training_args), directory
+        )
+        seconds = table.metadata["data_report"]["prompt_fit_seconds"]
+        shutil.copy(directory / REPORT_TABLE, kept)
+    return pq.read_table(kept).to_pydict(), seconds
 
 
 def stage1(args) -> None:
-    """The whole stage 1 through `compute_confidence` on the main variant, its data report with the reference's
-    prompt fit; the base's prompt fit of the same examples comes from `detect` (same model, data and max_length)."""
-    from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
-    from sftmix_trl.data_report import load_report
+    """Stage 1 with both prompt-fit models on one noisy variant: every signal's detection figures, and the time of
+    each part of the stage."""
+    from sftmix_trl.data_report import suspicious_score
 
     work = Path(args.work)
     dataset, injected_ids, _ = _variant(args, work)
-    model_args, training_args = _demo_args(
-        work, args.max_length, output_dir=str(work / "stage1"), prompt_fit_model="reference"
-    )
-    table = compute_confidence(  # a finished run is reused: a rerun of this step only recomputes the metrics
-        dataset, model_args, training_args, ConfidenceConfig.from_args(training_args), training_args.confidence_dir
-    )
-    base = _base_scores(args, work)  # `detect` may run beside this step: read once stage 1 is done
-    report = load_report(training_args.confidence_dir).to_pydict()
-    ids = report["example_id"]
-    if sorted(ids) != sorted(base):
-        raise SystemExit("the stage-1 examples are not those `detect` scored: same --examples and --max_length?")
+    reference, reference_seconds = _stage1_report(dataset, work, args.max_length, "reference")
+    base, base_seconds = _stage1_report(dataset, work, args.max_length, "base")
+    ids = base["example_id"]
+    if ids != reference["example_id"]:
+        raise SystemExit("the two reports do not list the same examples in the same order")
     signals = {
-        "confidence": -np.asarray(report["confidence"]),  # low confidence = suspicious
-        "variability": np.asarray(report["variability"]),
-        "prompt_fit_base": np.array([base[i]["prompt_fit_base"] for i in ids]),
-        "prompt_fit_reference": np.asarray(report["prompt_fit"]),
+        "confidence": -np.asarray(base["confidence"]),  # low confidence = suspicious
+        "variability": np.asarray(base["variability"]),
+        "prompt_fit_base": np.asarray(base["prompt_fit"]),
+        "prompt_fit_reference": np.asarray(reference["prompt_fit"]),
+        "suspicious": -np.asarray(base["suspicious_rank"], dtype=np.float64),  # the report's ranking (default)
     }
-    from sftmix_trl.data_report import suspicious_score
-
-    signals["suspicious"] = suspicious_score(signals["prompt_fit_base"])  # the report's default (base) ranking
     # A combination, to check that nothing is left on the table: the mean of the rank percentiles of the base's
     # prompt fit and of low confidence
     percentile = lambda x: np.argsort(np.argsort(x)) / (len(x) - 1)  # noqa: E731
     signals["combined"] = (percentile(signals["prompt_fit_base"]) + percentile(signals["confidence"])) / 2
+    assert np.allclose(suspicious_score(signals["prompt_fit_base"]), signals["prompt_fit_base"])
     metrics = signal_metrics(signals, [i in injected_ids for i in ids])
     print(json.dumps(metrics, indent=1))
-    meta = table.metadata
+    meta = json.loads((work / "stage1" / "confidence" / "metadata.json").read_text())
+    previous = RESULTS / "noise_detection_stage1.json"  # a rerun that made no pass keeps the measured times
+    previous = json.loads(previous.read_text()) if previous.is_file() else {}
     out = {
         "examples": args.examples,
         "rate": args.rate,
@@ -284,7 +298,8 @@ def stage1(args) -> None:
         "max_length": args.max_length,
         "reference_training_seconds": meta.get("reference_training_seconds"),
         "scoring_seconds": [s["seconds"] for s in meta.get("scoring", [])],
-        "prompt_fit_reference_seconds": meta.get("data_report", {}).get("prompt_fit_seconds"),
+        "prompt_fit_reference_seconds": reference_seconds or previous.get("prompt_fit_reference_seconds"),
+        "prompt_fit_base_seconds": base_seconds or previous.get("prompt_fit_base_seconds"),
         "results": metrics,
     }
     (RESULTS / "noise_detection_stage1.json").write_text(json.dumps(out, indent=2))
@@ -299,29 +314,22 @@ def _held_out_loss(model, tokenizer, held_out_prepared) -> float:
 
 
 def exclusion(args) -> None:
-    """NTP for one epoch (the reference's settings) on the noisy variant without its `--exclude` most suspicious
-    share, against the same run on everything (the stage-1 reference: its last snapshot), on clean held-out data."""
-    from sftmix_trl.confidence import ConfidenceConfig
+    """NTP for one epoch (the reference's settings) on the `stage1` variant without the `--exclude` most suspicious
+    share of its report (`exclude_suspicious`, as stage 2 does), against the same run on everything (the stage-1
+    reference itself: its last snapshot), on clean held-out records."""
+    from sftmix_trl.confidence import ConfidenceConfig, ConfidenceTable
     from sftmix_trl.confidence.reference import _check_snapshot, _reference_args
     from sftmix_trl.data import EXAMPLE_ID
-    from sftmix_trl.data_report import num_excluded, suspicious_ranks, suspicious_score
+    from sftmix_trl.data_report import exclude_suspicious
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
     from sftmix_trl.padding_free import TruncatingSFTTrainer
     from sftmix_trl.sharded import load_adapter_state
 
     work = Path(args.work)
     dataset, injected_ids, held_out = _variant(args, work)
-    base = _base_scores(args, work)
-    ids = sorted(base)
-    ranks = suspicious_ranks(ids, suspicious_score(np.array([base[i]["prompt_fit_base"] for i in ids])))
-    left_out = {i for i, r in zip(ids, ranks) if r <= num_excluded(len(ids), args.exclude)}
-    arms = {
-        f"top {args.exclude:.0%} suspicious left out": dataset.filter(
-            lambda i: i not in left_out, input_columns=EXAMPLE_ID
-        ),
-        "all examples": dataset,
-    }
-    snapshots = work / "stage1" / "confidence" / "snapshots"
+    directory = work / "stage1" / "confidence"
+    _, kept, _ = exclude_suspicious(ConfidenceTable.load(directory), dataset, directory, args.exclude)
+    arms = {f"top {args.exclude:.0%} suspicious left out": kept, "all examples": dataset}
     model_args, training_args = _demo_args(work, args.max_length, output_dir=str(work / "exclusion"))
     config = ConfidenceConfig.from_args(training_args)
     tokenizer = load_tokenizer(model_args, False, None, False)
@@ -336,13 +344,9 @@ def exclusion(args) -> None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args),
         )
-        if name == "all examples" and snapshots.is_dir():
-            # The stage-1 reference is this very run on all examples: its last snapshot, once `stage1` (running
-            # beside this step) has written it, instead of training again
-            last = lambda: json.loads((snapshots / "steps.json").read_text())[-1]  # noqa: E731
-            while not (snapshots / "steps.json").is_file() or not (snapshots / f"step-{last()}").is_dir():
-                time.sleep(30)
-            load_adapter_state(trainer.model, _check_snapshot(snapshots / f"step-{last()}"))
+        if name == "all examples":  # the stage-1 reference is this very run on all examples: its last snapshot
+            last = json.loads((directory / "snapshots" / "steps.json").read_text())[-1]
+            load_adapter_state(trainer.model, _check_snapshot(directory / "snapshots" / f"step-{last}"))
         else:
             trainer.train()
         loss = _held_out_loss(trainer.model, tokenizer, trainer.eval_dataset)
@@ -430,7 +434,8 @@ def table(args) -> None:
             "",
             f"Time (a shared, loaded CPU: compare within the run only): reference training "
             f"{out['reference_training_seconds']:.0f} s, {len(out['scoring_seconds'])} scoring passes "
-            f"{sum(out['scoring_seconds']):.0f} s, the reference's prompt-fit pass (response alone) "
+            f"{sum(out['scoring_seconds']):.0f} s; the data report's prompt fit: base model (2 passes) "
+            f"{out['prompt_fit_base_seconds']:.0f} s, reference (1 pass, response alone) "
             f"{out['prompt_fit_reference_seconds']:.0f} s.",
         ]
     exclusion_path = RESULTS / "noise_detection_exclusion.json"
@@ -486,7 +491,7 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "noise_detection"))
     parser.add_argument("--rate", type=float, default=0.10, help="stage1/exclusion: the noise rate")
     parser.add_argument("--seed", type=int, default=0, help="stage1/exclusion: the noise seed")
-    parser.add_argument("--held_out", type=int, default=60, help="exclusion: clean held-out records")
+    parser.add_argument("--held_out", type=int, default=40, help="exclusion: clean held-out records")
     parser.add_argument("--exclude", type=float, default=0.10, help="exclusion: the share left out")
     parser.add_argument("--demo_metadata", help="table: metadata.json of the demo's stage 1, for the cost section")
     args = parser.parse_args()
