@@ -384,9 +384,13 @@ def table(args) -> None:
         "",
         "## Base model (no reference needed): every rate and seed",
         "",
-        "| noise rate | seed | injected | perplexity (base) AUROC / precision / recall "
-        "| prompt fit (base) AUROC / precision / recall |",
-        "| --- | --- | --- | --- | --- |",
+        "Perplexity (base): the base model's PPL(response | prompt) alone, the signal a plain loss filter uses. "
+        "Prompt fit (base): PPL(response | prompt) / PPL(response alone). At 5% noise, 10 injected among 20 "
+        "flagged: precision cannot exceed 50%.",
+        "",
+        "| noise rate | seed | injected | perplexity AUROC | precision | recall | prompt fit AUROC | precision "
+        "| recall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in detect_out["results"]:
         lines.append(
