@@ -173,7 +173,7 @@ def write_report(report: pa.Table, directory: str | os.PathLike, top_k: int, pro
 
     directory = Path(directory)
     atomic_write(directory / REPORT_PAGE, report_markdown(report, top_k, prompt_fit_model, **kw))
-    plot_data_map(report, directory / DATA_MAP, prompt_fit_model)
+    plot_data_map(report, directory / DATA_MAP, prompt_fit_model, top=top_k)
     atomic_write(directory / REPORT_TABLE, report)
 
 

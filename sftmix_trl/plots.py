@@ -118,6 +118,9 @@ def plot_data_map(report, path: str | os.PathLike, prompt_fit_model: str = "base
         label=f"{int(ringed.sum())} most suspicious (report.md)",
     )
     bar = fig.colorbar(points, ax=axis)
+    # The two sides of 1 have their own scales: ticks on each, so that the red side is readable too
+    ticks = np.r_[np.linspace(low, 0, 5), np.linspace(0, high, 3)[1:]]
+    bar.set_ticks(ticks, labels=[f"{t:.2g}" for t in ticks])
     bar.set_label(f"log2 prompt fit ({prompt_fit_model} model): > 0, the prompt does not help")
     axis.set_xlabel("variability: std of perplexity across the reference snapshots")
     axis.set_ylabel("confidence = - mean perplexity over snapshots")
