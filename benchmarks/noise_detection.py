@@ -366,6 +366,29 @@ def exclusion(args) -> None:
     (RESULTS / "noise_detection_exclusion.json").write_text(json.dumps(out, indent=2))
 
 
+NOTES = """## Reading
+
+- Prompt fit is the signal. On the base model it needs no reference, so it was measured at every rate and seed:
+  at 10% noise about two thirds of the top 10% flagged are injected (target: half), AUROC about 0.9. SFTMix
+  confidence and variability, and the base model's perplexity alone, sit near chance (AUROC 0.5-0.65): a low
+  confidence mostly marks a long or technical answer, a hard one, not a wrong one. Ranking by prompt fit and
+  confidence together is worse than prompt fit alone, so `suspicious_rank` is prompt fit alone.
+- Base or reference: on the one reference run both prompt fits rank alike (AUROC 0.83 and 0.84, the same 6 flagged).
+  The base is the default: it needs no snapshot (so it works on any table, and on data before any training), and a
+  reference trained on the noise for an epoch has begun to learn the mismatched pairs, which can only blur the
+  signal as training goes on; the reference's costs one pass instead of two.
+- Precision at a fixed 10% flagged is bounded by the noise rate (at 5% noise at most half the flagged can be
+  injected; recall is then high), so read recall at low rates and precision at high ones.
+- Scale: 200 records (detect) and 60 (one reference run) on a shared 2-core CPU; two seeds. The figures are
+  indicative, not tight: a 10% flagged share of 200 is 20 examples.
+- Larger models: a stronger base model predicts a well-matched answer better from its question, so PPL(response |
+  prompt) falls further below PPL(response alone) for clean pairs and the two groups separate more; mismatches that
+  stay on topic (same disease, wrong section), which a 135M model cannot tell apart, should then also be found.
+  The price is two forward passes of that model (no backward), small next to the reference epoch. With a smaller
+  reference model (`reference_model_name_or_path`), the base used is the reference's base, the cheaper one.
+"""
+
+
 def _fmt(metrics: dict) -> str:
     return f"{metrics['auroc']:.2f} | {metrics['precision']:.0%} | {metrics['recall']:.0%}"
 
@@ -481,6 +504,7 @@ def table(args) -> None:
             f"| prompt fit, {meta['data_report']['prompt_fit_model']} model (prompted + alone) | {report:.0f} | "
             f"{report / stage:.0%} |",
         ]
+    lines += ["", NOTES]
     (RESULTS / "noise_detection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
