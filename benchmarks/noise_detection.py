@@ -1,9 +1,13 @@
 """Which stage-1 signal finds mislabelled training examples: measured on injected noise in real medical data.
 
-    python benchmarks/noise_detection.py detect      # base-model signals, every rate and seed (no training)
-    python benchmarks/noise_detection.py stage1      # the whole stage 1 with its data report, one rate and seed
-    python benchmarks/noise_detection.py exclusion   # held-out loss of NTP with and without the suspicious share
-    python benchmarks/noise_detection.py table       # benchmarks/results/noise_detection.md from the three above
+    SFTMIX_DATA_DIR=../shared/data python benchmarks/noise_detection.py detect
+    SFTMIX_DATA_DIR=../shared/data python benchmarks/noise_detection.py stage1 --examples 60 --rate 0.2
+    SFTMIX_DATA_DIR=../shared/data python benchmarks/noise_detection.py exclusion --examples 60 --rate 0.2
+    python benchmarks/noise_detection.py table --demo_metadata outputs/demo/sftmix_qlora/confidence/metadata.json
+
+`detect`: base-model signals at every rate and seed (no training). `stage1`: the whole stage 1 with its data report,
+both prompt-fit models, one rate and seed. `exclusion`: held-out loss of NTP with and without the suspicious share.
+`table`: benchmarks/results/noise_detection.md from the three (and the demo's stage-1 metadata for the cost).
 
 Data: `--examples` records of medical_meadow_small.json (SFTMIX_DATA_DIR, default ../shared/data), drawn with a fixed
 seed. Noise: a share `rate` of them get another record's answer: the chosen records' answers are rotated among
@@ -373,12 +377,18 @@ NOTES = """## Reading
   confidence and variability, and the base model's perplexity alone, sit near chance (AUROC 0.5-0.65): a low
   confidence mostly marks a long or technical answer, a hard one, not a wrong one. Ranking by prompt fit and
   confidence together is worse than prompt fit alone, so `suspicious_rank` is prompt fit alone.
-- Base or reference: on the one reference run both prompt fits rank alike (AUROC 0.83 and 0.84, the same 6 flagged).
-  The base is the default: it needs no snapshot (so it works on any table, and on data before any training), and a
-  reference trained on the noise for an epoch has begun to learn the mismatched pairs, which can only blur the
-  signal as training goes on; the reference's costs one pass instead of two.
+- Base or reference: on the one reference run both prompt fits rank alike (AUROC 0.83 and 0.84; each flags 6
+  examples, all injected). The base is the default: it needs no snapshot (so it works on any table, and on data
+  before any training), and a reference that has trained on the mismatched pairs starts to learn them, which may
+  blur its signal over more epochs (not measured here); the reference's prompt fit costs one pass instead of two.
 - Precision at a fixed 10% flagged is bounded by the noise rate (at 5% noise at most half the flagged can be
   injected; recall is then high), so read recall at low rates and precision at high ones.
+- Leaving the suspicious share out did not lower the held-out loss here: 3.338 without the top 10% (6 examples,
+  all of them injected) against 3.315 on everything, on 40 clean held-out records. One seed, 60 training records,
+  one epoch: the run without them also takes 7 optimizer steps instead of 8, and a mismatched answer is still a
+  fluent medical answer, so at this scale it teaches the domain more than it misleads. No gain is shown, which is
+  why `exclude_suspicious_fraction` stays opt-in (default 0) and the report is meant to be read: what a mismatched
+  pair costs shows on larger data, over more epochs (where a model memorises it) and in answers to those questions.
 - Scale: 200 records (detect) and 60 (one reference run) on a shared 2-core CPU; two seeds. The figures are
   indicative, not tight: a 10% flagged share of 200 is 20 examples.
 - Larger models: a stronger base model predicts a well-matched answer better from its question, so PPL(response |
@@ -473,7 +483,9 @@ def table(args) -> None:
             f"## Leaving the suspicious share out: held-out loss ({out['rate']:.0%} noise, {out['held_out']} clean "
             "held-out records)",
             "",
-            "NTP, 1 epoch, the reference's settings (LoRA r=16, lr 2e-4, batch 8), the same seed.",
+            "NTP, 1 epoch, the reference's settings (LoRA r=16, lr 2e-4, batch 8), the same seed; the examples left "
+            "out by `exclude_suspicious` from the stage-1 report (base prompt fit), as stage 2 leaves them out. The "
+            "run on everything is the stage-1 reference itself (its last snapshot).",
             "",
             "| trained on | examples | injected among them | held-out loss | held-out perplexity |",
             "| --- | --- | --- | --- | --- |",
