@@ -1,7 +1,7 @@
 """Launch-to-first-step time of the recipes on whole real files: how long a user waits before training starts.
 
-    python benchmarks/startup.py                         # this checkout; writes benchmarks/results/startup_cpu.md
-    python benchmarks/startup.py --checkout OLD --label before --json out.json   # another checkout, same cases
+    git worktree add /tmp/before 20c0021
+    python benchmarks/startup.py --before /tmp/before     # writes benchmarks/results/startup_cpu.{md,json}
 
 Each case runs in a fresh process (`python -m` of the recipe, as `accelerate launch` would on one process), from the
 process start to the first optimizer step's forward, where it stops. Dataset preparation is counted by the passes of
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,16 +39,21 @@ _PROBE = r"""
 import os, sys, time, json, runpy
 T0 = float(os.environ["STARTUP_T0"])
 import datasets, transformers
-passes = []
+passes, prepare_seconds = [], [0.0]
 _map = datasets.Dataset.map
 def counting_map(self, *args, **kwargs):
     desc = kwargs.get("desc") or ""
     if desc.startswith("Tokenizing"):
         passes.append(desc)
-    return _map(self, *args, **kwargs)
-datasets.Dataset.map = counting_map
+    start = time.time()
+    try:
+        return _map(self, *args, **kwargs)
+    finally:
+        if desc.endswith(("train dataset", "eval dataset")):  # TRL's preparation maps (tokenise, label, truncate)
+            prepare_seconds[0] += time.time() - start
 def first_step(self, *args, **kwargs):
-    json.dump({"seconds": time.time() - T0, "tokenizing_passes": passes}, open(os.environ["STARTUP_OUT"], "w"))
+    result = {"seconds": time.time() - T0, "tokenizing_passes": passes, "preparation_seconds": prepare_seconds[0]}
+    json.dump(result, open(os.environ["STARTUP_OUT"], "w"))
     os._exit(0)
 transformers.Trainer.training_step = first_step
 case, argv = sys.argv[1], sys.argv[2:]
@@ -125,52 +131,58 @@ def run_case(checkout: Path, case: str, data: str, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkout", type=Path, default=ROOT, help="the sftmix-trl checkout to time")
-    parser.add_argument("--label", default="after")
-    parser.add_argument("--json", type=Path, help="write this checkout's results here")
-    parser.add_argument("--before", type=Path, help="results of another checkout (--json) to compare against")
+    parser.add_argument("--before", type=Path, required=True, help="a checkout of the code to compare against")
+    parser.add_argument("--after", type=Path, default=ROOT, help="the checkout to time (default: this one)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; each runs every case before, then after")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--data", nargs="+", default=list(FILES), choices=list(FILES))
     args = parser.parse_args()
 
-    results = {}
+    results = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory() as work:
-        for data in args.data:
-            for case in args.cases:
-                results[f"{case}/{data}"] = run_case(args.checkout.resolve(), case, data, Path(work))
-                print(args.label, case, data, results[f"{case}/{data}"], flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if args.before:
-        write_report(json.loads(args.before.read_text()), results)
+        for round_ in range(args.repeats):
+            for data in args.data:
+                for case in args.cases:
+                    for label in ("before", "after"):  # interleaved: the machine's drift hits both alike
+                        checkout = getattr(args, label).resolve()
+                        run = run_case(checkout, case, data, Path(work) / label)
+                        results[label].setdefault(f"{case}/{data}", []).append(run)
+                        print(label, round_, case, data, run, flush=True)
+    (ROOT / "benchmarks" / "results" / "startup_cpu.json").write_text(json.dumps(results, indent=2))
+    write_report(results["before"], results["after"], args.repeats)
 
 
-def write_report(before: dict, after: dict) -> None:
+def write_report(before: dict, after: dict, repeats: int) -> None:
     names = {"trl": "TRL SFTTrainer", "sft": "recipes/sft.py", "sftmix": "recipes/sftmix.py, stage 2 (table given)",
              "sftmix_stage1": "recipes/sftmix.py, stage 1 (reference run)"}  # fmt: skip
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
     lines = [
         "# Launch to first training step (CPU)",
         "",
-        "`python benchmarks/startup.py`: each case in a fresh process, from its start to the first optimizer step's",
-        "forward; demo model (SmolLM2-135M-Instruct, 4-bit), demo YAML (max_length 384), whole files. 'Passes' counts",
-        "TRL's tokenising maps (train and held-out sets each count one). 'before' is the code before the data was",
-        "prepared once (commit 20c0021), 'after' this checkout, both timed in the same session on a 2-core machine that",
-        "other work shared (seconds are noisy to 10-20%; the passes are exact).",
+        "`python benchmarks/startup.py --before <checkout of 20c0021>`: each case in a fresh process, from its start to",
+        "the first optimizer step's forward; demo model (SmolLM2-135M-Instruct, 4-bit), demo YAML (max_length 384,",
+        f"24 held out), whole files; {repeats} rounds, before and after interleaved, medians. 'Passes' counts TRL's",
+        "tokenising maps (the train and held-out sets count one each); 'prep s' is the time inside TRL's preparation",
+        "maps (tokenise, label, truncate, drop). 'before' is the code before the data was prepared once (commit",
+        "20c0021), 'after' this checkout (which also validates and drops records as issue 22 added). The machine has 2",
+        "cores and other work ran beside it: whole-launch seconds are noisy to 10-20%; the passes are exact.",
         "",
-        "| data | case | before s | before passes | after s | after passes | after / before | after / TRL |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data | case | passes before -> after | prep s before | prep s after | launch s before | launch s after | "
+        "after / before | after / TRL |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, new in after.items():
         case, data = key.split("/")
-        old, trl = before.get(key), after.get(f"trl/{data}")
-        ratio = f"{new['seconds'] / old['seconds']:.2f}x" if old else "-"
-        vs_trl = f"{new['seconds'] / trl['seconds']:.2f}x" if trl else "-"
+        old, trl = before[key], after.get(f"trl/{data}")
+        ratio = median(new, "seconds") / median(old, "seconds")
+        vs_trl = f"{median(new, 'seconds') / median(trl, 'seconds'):.2f}x" if trl else "-"
         lines.append(
-            f"| {data} | {names[case]} | {old['seconds']:.1f} | {len(old['tokenizing_passes'])} | "
-            f"{new['seconds']:.1f} | {len(new['tokenizing_passes'])} | {ratio} | {vs_trl} |"
-            if old
-            else f"| {data} | {names[case]} | - | - | {new['seconds']:.1f} | {len(new['tokenizing_passes'])} | - | "
-            f"{vs_trl} |"
+            f"| {data} | {names[case]} | {len(old[0]['tokenizing_passes'])} -> {len(new[0]['tokenizing_passes'])} | "
+            f"{median(old, 'preparation_seconds'):.1f} | {median(new, 'preparation_seconds'):.1f} | "
+            f"{median(old, 'seconds'):.1f} | {median(new, 'seconds'):.1f} | {ratio:.2f}x | {vs_trl} |"
         )
     path = ROOT / "benchmarks" / "results" / "startup_cpu.md"
     path.write_text("\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 """`sftmix-trl`: the recipes for an installed package, without a clone of the repository.
 
-    sftmix-trl sft|confidence|sftmix|evaluate|merge|generate --config my.yaml [--key value ...]
+    sftmix-trl sft|confidence|sftmix|report|evaluate|merge|generate --config my.yaml [--key value ...]
     accelerate launch -m sftmix_trl.cli sftmix --config my.yaml [--key value ...]
 
 Each command runs the same main as `recipes/<command>.py` in a clone.
@@ -15,6 +15,7 @@ RECIPES = {
     "sft": "NTP baseline: QLoRA supervised fine-tuning with TRL's SFTTrainer",
     "confidence": "SFTMix stage 1: the reference run and the confidence table",
     "sftmix": "SFTMix: stage 1 (computed or reused), then training with the Mixup regulariser",
+    "report": "the data report of an existing stage-1 table: suspicious examples with their text, data map",
     "evaluate": "evaluate a base model or base + adapter through lm-eval-harness (any task) and perplexity",
     "merge": "merge a LoRA adapter into its unquantised base: a standalone model folder",
     "generate": "replies of a base model or base + adapter to a few prompts, through the chat template",

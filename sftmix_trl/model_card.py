@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .confidence import PLOT_FILE
+from .data_report import DATA_MAP, REPORT_PAGE
 from .drops import REASONS, DropLog
 
 
@@ -35,6 +36,13 @@ def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[
         ("confidence snapshots (reference steps)", meta.get("snapshot_steps")),
         ("reference model", meta.get("run", {}).get("reference_model")),
     ]
+    if meta.get("num_suspicious_excluded"):
+        rows.append(
+            (
+                "left out as suspicious (exclude_suspicious_fraction)",
+                f"{meta['num_suspicious_excluded']} ({meta['exclude_suspicious_fraction']}; see {REPORT_PAGE})",
+            )
+        )
     split = "\n".join(f"| {name} | {value} |" for name, value in rows)
     figures = [
         (key, _last(log_history, key))
@@ -56,6 +64,13 @@ def sftmix_card_sections(table, log_history: list[dict], training_args) -> list[
     if plot.is_file():
         relative = os.path.relpath(plot, training_args.output_dir)
         picture = f"\n![Confidence split]({relative})\n" if not relative.startswith("..") else ""
+    data_map = Path(training_args.confidence_dir) / DATA_MAP
+    if picture and data_map.is_file():  # the data report, beside the table
+        relative = os.path.relpath(data_map.parent, training_args.output_dir)
+        picture += (
+            f"\n![Data map]({relative}/{DATA_MAP})\n\nThe most suspicious training examples, with their text: "
+            f"`{relative}/{REPORT_PAGE}` in the run's folder (not uploaded: it quotes the training data).\n"
+        )
     return [
         f"## Confidence split (SFTMix stage 1)\n\n| | |\n| --- | --- |\n{split}\n{picture}",
         f"## Training figures (last logged values)\n\n| metric | value |\n| --- | --- |\n{training}\n",

@@ -87,3 +87,46 @@ def plot_confidence(table, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_data_map(report, path: str | os.PathLike, prompt_fit_model: str = "base", top: int = 20) -> None:
+    """The data map of the report (`sftmix_trl.data_report`): confidence against variability across the snapshots,
+    each example coloured by its prompt fit, the `top` most suspicious ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    data = report.select(["confidence", "variability", "prompt_fit", "suspicious_rank"]).to_pydict()
+    confidence, spread = np.asarray(data["confidence"]), np.asarray(data["variability"])
+    log_fit, ranks = np.log2(np.asarray(data["prompt_fit"])), np.asarray(data["suspicious_rank"])
+    # Diverging at prompt fit 1 (log 0): blue, the prompt helps; red, it does not
+    low, high = min(log_fit.min(), -1e-3), max(log_fit.max(), 1e-3)
+    fig, axis = plt.subplots(figsize=(8, 6))
+    points = axis.scatter(
+        spread, confidence, c=log_fit, cmap="coolwarm", norm=TwoSlopeNorm(0.0, low, high), s=14, alpha=0.85
+    )
+    ringed = ranks <= top
+    axis.scatter(
+        spread[ringed],
+        confidence[ringed],
+        s=60,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=0.8,
+        label=f"{int(ringed.sum())} most suspicious (report.md)",
+    )
+    bar = fig.colorbar(points, ax=axis)
+    # The two sides of 1 have their own scales: ticks on each, so that the red side is readable too
+    ticks = np.r_[np.linspace(low, 0, 5), np.linspace(0, high, 3)[1:]]
+    bar.set_ticks(ticks, labels=[f"{t:.2g}" for t in ticks])
+    bar.set_label(f"log2 prompt fit ({prompt_fit_model} model): > 0, the prompt does not help")
+    axis.set_xlabel("variability: std of perplexity across the reference snapshots")
+    axis.set_ylabel("confidence = - mean perplexity over snapshots")
+    axis.set_yscale("symlog")
+    axis.set_title(f"Data map: {len(confidence)} training examples")
+    axis.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

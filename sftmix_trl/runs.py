@@ -78,14 +78,15 @@ def check_output_dir(
     )
 
 
-def record_run(training_args, run_config: dict, recipe: str, drops=None) -> None:
+def record_run(training_args, run_config: dict, recipe: str, drops=None, extra: dict | None = None) -> None:
     """Write the run's configuration (no secrets) into `output_dir`, for `check_output_dir` and for the model card,
-    with the counts of the records dropped because they cannot train (`drops`, a `DropLog`)."""
+    with the counts of the records dropped because they cannot train (`drops`, a `DropLog`) and `extra`: what the
+    run decided from its data (e.g. the examples it left out), recorded beside the configuration."""
     if not training_args.should_save:
         return
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"recipe": recipe, "argv": hub.redact(" ".join(sys.argv)), "config": run_config}
+    payload = {"recipe": recipe, "argv": hub.redact(" ".join(sys.argv)), "config": run_config, **(extra or {})}
     if drops is not None:
         payload["data"] = drops.as_dict()
     atomic_write(out / RUN_FILE, json.dumps(payload, indent=2, default=str))

@@ -18,6 +18,8 @@ Everything lands in one folder (`confidence_dir`):
     confidence.parquet            the table: example_id, ppl_<c>..., confidence, subset, num_response_tokens
     metadata.json                 run.json plus exclusions, times and throughput
     confidence.png                the picture to look at before training
+    report.parquet, report.md     the data report (`sftmix_trl.data_report`): the most suspicious examples first,
+    data_map.png                  with their text, and confidence against variability coloured by prompt fit
 
 A run killed at any point and started again redoes only what is missing. Writes are atomic (temporary file, then
 rename), so a file that exists is complete.

@@ -42,6 +42,34 @@ class ConfidenceConfig:
     confident_fraction: float = field(
         default=0.5, metadata={"help": "Share of the examples put in the confident subset (0.5: a median split)."}
     )
+    # -- data report (sftmix_trl/data_report.py): none of these changes the table (table.REPORT_FIELDS) ------------
+    data_report: bool = field(
+        default=True,
+        metadata={
+            "help": "Write the data report beside the table (report.parquet, report.md, data_map.png): every "
+            "example's text, confidence, variability and prompt fit, ranked by how suspicious it is. Costs the "
+            "prompt-fit forward passes (2 with the base model, 1 with the reference)."
+        },
+    )
+    prompt_fit_model: str = field(
+        default="base",
+        metadata={
+            "help": "Model whose prompt fit (PPL(response | prompt) / PPL(response alone)) ranks the examples: "
+            "'base' (the reference's base, adapter off: finds injected mismatched answers best, see "
+            "benchmarks/results/noise_detection.md) or 'reference' (its last snapshot: one pass fewer).",
+            "choices": ["base", "reference"],
+        },
+    )
+    report_top_k: int = field(
+        default=20, metadata={"help": "Most suspicious examples listed, with text, in report.md."}
+    )
+    exclude_suspicious_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Leave the floor(fraction x N) most suspicious examples of the data report out of stage 2 and "
+            "out of its confidence split (recorded in sftmix_run.json and the model card). 0: train on everything."
+        },
+    )
 
     def validate_confidence(self) -> None:
         if not 0 < self.confident_fraction < 1:
@@ -55,6 +83,18 @@ class ConfidenceConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.reference_learning_rate <= 0:
             raise ValueError(f"`reference_learning_rate` must be > 0, got {self.reference_learning_rate}")
+        if self.prompt_fit_model not in ("base", "reference"):
+            raise ValueError(f"`prompt_fit_model` must be 'base' or 'reference', got {self.prompt_fit_model!r}")
+        if not 0 <= self.exclude_suspicious_fraction < 1:
+            raise ValueError(
+                f"`exclude_suspicious_fraction` must be in [0, 1), got {self.exclude_suspicious_fraction}"
+            )
+        if self.exclude_suspicious_fraction > 0 and not self.data_report:
+            raise ValueError(
+                "`exclude_suspicious_fraction` ranks examples by the data report: set `data_report: true`"
+            )
+        if self.report_top_k < 0:
+            raise ValueError(f"`report_top_k` must be >= 0, got {self.report_top_k}")
 
     def __post_init__(self):
         self.validate_confidence()

@@ -169,6 +169,7 @@ def compute_confidence(
         prepared: `train_dataset` already prepared for the reference's tokenizer (`data_checks.check_sftmix_data`'s
             `reference_train`), so that it is not tokenised again; None: the reference's trainer prepares it.
     """
+    from ..data_report import report_pending, run_data_report
     from ..model import load_tokenizer
 
     directory = Path(confidence_dir)
@@ -187,15 +188,25 @@ def compute_confidence(
     expected = expected_metadata(train_dataset, model_args, training_args, config, tokenizer)
 
     # 1. A finished table that fits is reused; `must_exist` never trains
+    existing = None
     if (directory / TABLE_FILE).is_file():
-        return _reuse_table(directory, expected, config, must_exist)
-    if must_exist:
+        existing = _reuse_table(directory, expected, config, must_exist)
+        if must_exist or not report_pending(directory, config):
+            return existing
+    elif must_exist:
         raise ConfidenceError(f"no confidence table in {directory} (expected {directory / TABLE_FILE})")
     _claim(directory, expected)
     # 2. The reference run, unless all its snapshots are on disk already
     trainer, snapshots = _reference_trainer(
         train_dataset, prepared, reference_args, training_args, config, tokenizer, directory
     )
+    if existing is not None:  # a finished table without its data report (`sftmix-trl report`): only the report
+        logger.info("writing the data report of the table in %s (no training, no snapshot scoring)", directory)
+        run_data_report(
+            _scoring_model(trainer), trainer.train_dataset, train_dataset, tokenizer, existing, config, directory
+        )
+        snapshots.trainer = None
+        return existing
     steps, times = _train_reference(trainer, snapshots, directory)
     # 3. Every example scored at every snapshot (each snapshot's scores are kept as they complete)
     prepared = trainer.train_dataset
@@ -203,6 +214,8 @@ def compute_confidence(
     # 4. The table, its metadata and its picture
     table = _build_table(train_dataset, prepared, columns, config, training_args)
     table.metadata.update(run=expected, snapshot_steps=steps, scoring=scoring, **times)
+    if config.data_report:  # 5. the data report, before the table, so that its metadata records the report's passes
+        run_data_report(_scoring_model(trainer), prepared, train_dataset, tokenizer, table, config, directory)
     _write_table(table, directory)
     snapshots.trainer = None
     del trainer

@@ -117,6 +117,8 @@ DATA_KEYS = (
 )
 # Tables written before multi-turn conversations trained every assistant turn scored each example's last turn
 METADATA_DEFAULTS = {"scored_turns": "last"}
+# The data report's settings: a table is the same whatever they are (a missing report is written on reuse)
+REPORT_FIELDS = ("data_report", "prompt_fit_model", "report_top_k", "exclude_suspicious_fraction")
 
 
 def check_metadata(expected: dict, found: dict, where: str | os.PathLike, keys: tuple[str, ...] | None = None) -> None:
@@ -168,6 +170,8 @@ def expected_metadata(train_dataset: Dataset, model_args, training_args, config:
         "lora": f"r={model_args.lora_r} alpha={model_args.lora_alpha} targets={model_args.lora_target_modules}",
         "seed": training_args.seed,
         "config": {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in ("confidence_dir", "scoring_batch_size")
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in ("confidence_dir", "scoring_batch_size", *REPORT_FIELDS)
         },
     }

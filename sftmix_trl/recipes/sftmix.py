@@ -10,6 +10,7 @@ from ..confidence import ConfidenceConfig, compute_confidence
 from ..configs import ModelArguments, ScriptArguments
 from ..data import has_multi_turn, load_datasets
 from ..data_checks import check_sftmix_data
+from ..data_report import exclude_suspicious
 from ..drops import DropLog
 from ..model import load_model, load_tokenizer, lora_config
 from ..model_card import sftmix_card_sections
@@ -69,6 +70,9 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         must_exist=training_args.confidence_table is not None,
         prepared=data.reference_train,
     )
+    table, train_dataset, left_out = exclude_suspicious(
+        table, train_dataset, table_dir, training_args.exclude_suspicious_fraction
+    )
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally
@@ -81,7 +85,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
     )
-    record_run(training_args, config, "sftmix.py", drops)
+    record_run(training_args, config, "sftmix.py", drops, extra={"suspicious_excluded_ids": left_out})
     train_save_publish(
         trainer,
         tokenizer,
