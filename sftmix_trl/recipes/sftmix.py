@@ -70,8 +70,9 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         must_exist=training_args.confidence_table is not None,
         prepared=data.reference_train,
     )
-    table, train_dataset, left_out = exclude_suspicious(
-        table, train_dataset, table_dir, training_args.exclude_suspicious_fraction
+    # Opt-in: the most suspicious share of the data report leaves the split and the prepared training set
+    table, train_prepared, left_out = exclude_suspicious(
+        table, data.train, table_dir, training_args.exclude_suspicious_fraction
     )
     model = load_model(model_args, training_args.trust_remote_code)
 
@@ -79,7 +80,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     trainer = SFTMixTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train,
+        train_dataset=train_prepared,
         confidence=table,
         eval_dataset=data.eval,
         processing_class=tokenizer,
