@@ -1,4 +1,5 @@
-"""A quick look at what a model (or base + adapter) answers: replies to prompts through the chat template.
+"""A quick look at what a model (or base + adapter) answers: replies to prompts through the chat template the run
+trained with (the tokenizer saved beside the adapter), or `chat_template_path`.
 
 For a user's first "did it learn anything" check after training; figures come from `evaluate`.
 """
@@ -33,6 +34,13 @@ class GenerateArguments:
         metadata={
             "help": "Folder of a saved LoRA adapter to put on the base (unset: the base alone). Without "
             "`model_name_or_path`, the base the adapter records is used."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jinja chat template to render the prompts with. Default: the template saved in "
+            "`adapter_path` with the run's tokenizer (the one it trained with), else the base's."
         },
     )
     prompt: list[str] = field(
@@ -149,7 +157,7 @@ def generate(args: GenerateArguments, model_args) -> list[dict]:
     trust = bool(getattr(model_args, "trust_remote_code", False))
     if args.adapter_path:
         check_adapter(args.adapter_path, model_args, trust)
-    tokenizer = load_tokenizer(model_args, trust)
+    tokenizer = load_tokenizer(model_args, trust, args.chat_template_path, adapter_path=args.adapter_path)
     model = load_eval_model(model_args, args.adapter_path, trust)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     conversations = [[*system, {"role": "user", "content": p}] for p in prompts]

@@ -120,33 +120,49 @@ def _check_model_path(path: str | None) -> str:
     return os.path.expanduser(path)
 
 
+def saved_tokenizer_folder(adapter_path: str | None) -> Path | None:
+    """The adapter folder of a run when it holds a saved tokenizer (every training recipe saves the one it trained
+    with beside the adapter), else None."""
+    if not adapter_path:
+        return None
+    folder = Path(os.path.expanduser(adapter_path))
+    return folder if (folder / "tokenizer_config.json").is_file() else None
+
+
 def load_tokenizer(
     model_args: ModelArguments,
     trust_remote_code: bool = False,
     chat_template_path: str | None = None,
     assistant_only_loss: bool = False,
+    adapter_path: str | None = None,
 ) -> PreTrainedTokenizerBase:
-    """The base's tokenizer, right-padded, with a padding token distinct from the end-of-turn token.
+    """The tokenizer of a run, right-padded, with a padding token distinct from the end-of-turn token.
 
-    `chat_template_path` (a .jinja file) gives a base model without a chat template one to train and generate with.
-    `assistant_only_loss` (multi-turn conversations) swaps in a copy of the template with `{% generation %}` markers
-    around the assistant replies (`chat_templates.training_chat_template`); it renders the same text.
+    It is the one saved in `adapter_path` when that folder holds one (the chat template, special tokens and padding
+    token the run trained with), else the base's. `chat_template_path` (a .jinja file) overrides the chat template
+    either way: it gives a base without one a template to train and generate with. `assistant_only_loss`
+    (multi-turn conversations) swaps in a copy of the template with `{% generation %}` markers around the assistant
+    replies (`chat_templates.training_chat_template`); it renders the same text.
     """
-    path = _check_model_path(model_args.model_name_or_path)
+    saved = saved_tokenizer_folder(adapter_path)
+    path = str(saved) if saved else _check_model_path(model_args.model_name_or_path)
+    source = f"the adapter folder {adapter_path}" if saved else model_args.model_name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+            path, revision=None if saved else model_args.model_revision, trust_remote_code=trust_remote_code
         )
     except OSError as error:
-        raise ModelLoadError(f"could not load the tokenizer of {model_args.model_name_or_path}: {error}") from None
+        raise ModelLoadError(f"could not load the tokenizer of {source}: {error}") from None
+    if saved:
+        logger.info("tokenizer and chat template of the run, from %s", saved)
     if chat_template_path is not None:
-        if not chat_template_path.endswith(".jinja") or not os.path.isfile(chat_template_path):
+        template_file = os.path.expanduser(chat_template_path)
+        if not template_file.endswith(".jinja") or not os.path.isfile(template_file):
             raise ModelLoadError(f"`chat_template_path` must be an existing .jinja file, got {chat_template_path}")
-        tokenizer.chat_template = Path(chat_template_path).read_text()
+        tokenizer.chat_template = Path(template_file).read_text()
     if tokenizer.chat_template is None:
         raise ModelLoadError(
-            f"{model_args.model_name_or_path} has no chat template; use an instruct/chat tokenizer or set "
-            "`chat_template_path`"
+            f"{source} has no chat template; use an instruct/chat tokenizer or set `chat_template_path`"
         )
     if assistant_only_loss:
         tokenizer.chat_template = training_chat_template(tokenizer)  # ChatTemplateError says what to do

@@ -57,6 +57,14 @@ class EvalArguments:
             "before anything is generated."
         },
     )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jinja chat template for the prompts that go through one (IFEval, perplexity, lm-eval tasks "
+            "with `apply_chat_template`). Default: the tokenizer saved in `adapter_path` (the template, special and "
+            "padding tokens the run trained with), else the base's."
+        },
+    )
     output_dir: str = field(
         default="outputs/eval",
         metadata={

@@ -1,7 +1,9 @@
-"""IFEval: prompts, their NLTK prerequisite, and scoring with the instruction rules lm-eval-harness ships.
+"""IFEval: prompts from a local file, their NLTK prerequisite, and lm-eval-harness's scoring of responses.
 
-The rules themselves are lm-eval-harness's (`lm_eval.tasks.ifeval`): this module only loads prompts, matches
-responses to them and aggregates the verdicts into the four published figures.
+The task is lm-eval-harness's own `ifeval` (`lm_eval.tasks.ifeval`: its rules, `process_results` and aggregation;
+`tasks/sftmix_ifeval.yaml` is its configuration with a local-file loader). This module loads and checks the prompts,
+seeds the one rule that draws a random letter (`process_results`), and scores responses made elsewhere as the task
+does (`score_ifeval`, with `match_responses` to pair published responses with prompts).
 """
 
 from __future__ import annotations
@@ -109,47 +111,57 @@ def match_responses(prompts: list[IFEvalPrompt], records: list[dict]) -> list[st
     return responses
 
 
-def score_ifeval(prompts: list[IFEvalPrompt], responses: list[str]) -> tuple[dict[str, float], list[dict]]:
-    """Prompt- and instruction-level accuracy, strict and loose, and the per-prompt verdicts.
+def process_results(doc: dict, results: list[str]) -> dict:
+    """lm-eval's verdicts on one response (`lm_eval.tasks.ifeval.utils.process_results`), with Python's `random`
+    seeded by the prompt's key and restored afterwards.
 
-    Some rules draw random values: `keywords:letter_frequency` checks a random letter when the prompt's `letter` is
-    not one (IFEval prompts 1122 and 1129 ask for "#" and "!"), so unseeded scores vary from run to run (GPT-4's
-    reference responses score 0.7671, 0.7689 or 0.7708 prompt-level strict). Python's `random` is therefore seeded
-    with the prompt's key (as a string) before each prompt is checked, and restored afterwards: a prompt's verdict
-    does not depend on the run, on `limit`, or on which other prompts are scored with it.
+    One rule draws a random value: `keywords:letter_frequency` checks a random letter when the prompt's `letter` is
+    not one (IFEval prompts 1122 and 1129 ask for "#" and "!"), so unseeded, a verdict depends on every draw made
+    before it in the run (GPT-4's reference responses score 0.7671, 0.7689 or 0.7708 prompt-level strict). Seeded
+    per prompt, a prompt's verdict does not depend on the run, on `limit`, on the number of processes or on which
+    other prompts are scored with it. lm-eval-harness's ifeval task is otherwise used as it is.
+    """
+    utils, _ = _rules()
+    state = random.getstate()
+    random.seed(str(doc["key"]))
+    try:
+        return utils.process_results(doc, results)
+    finally:
+        random.setstate(state)
+
+
+def score_ifeval(prompts: list[IFEvalPrompt], responses: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """Prompt- and instruction-level accuracy, strict and loose, and the per-prompt verdicts, computed as this
+    package's ifeval task computes them (`process_results` and lm-eval's aggregation), for responses made elsewhere.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     utils, _ = _rules()
     samples = []
-    random_state = random.getstate()
     for p, response in zip(prompts, responses):
-        inp = utils.InputExample(
-            key=p.key, instruction_id_list=p.instruction_id_list, prompt=p.prompt, kwargs=p.kwargs
-        )
-        random.seed(str(p.key))
-        strict = utils.test_instruction_following_strict(inp, response)
-        random.seed(str(p.key))
-        loose = utils.test_instruction_following_loose(inp, response)
+        doc = {"key": p.key, "prompt": p.prompt, "instruction_id_list": p.instruction_id_list, "kwargs": p.kwargs}
+        verdicts = process_results(doc, [response])
         samples.append(
             {
                 "key": p.key,
                 "prompt": p.prompt,
                 "response": response,
                 "instruction_id_list": p.instruction_id_list,
-                "follow_all_instructions_strict": strict.follow_all_instructions,
-                "follow_instruction_list_strict": strict.follow_instruction_list,
-                "follow_all_instructions_loose": loose.follow_all_instructions,
-                "follow_instruction_list_loose": loose.follow_instruction_list,
+                **{
+                    f"follow_{kind}_{mode}": verdicts[f"{level}_level_{mode}_acc"]
+                    for mode in ("strict", "loose")
+                    for level, kind in (("prompt", "all_instructions"), ("inst", "instruction_list"))
+                },
             }
         )
-    random.setstate(random_state)
     metrics = {}
     for mode in ("strict", "loose"):
-        prompt_level = [s[f"follow_all_instructions_{mode}"] for s in samples]
-        inst_level = [v for s in samples for v in s[f"follow_instruction_list_{mode}"]]
-        metrics[f"prompt_level_{mode}_acc"] = sum(prompt_level) / max(len(prompt_level), 1)
-        metrics[f"inst_level_{mode}_acc"] = sum(inst_level) / max(len(inst_level), 1)
+        metrics[f"prompt_level_{mode}_acc"] = sum(s[f"follow_all_instructions_{mode}"] for s in samples) / max(
+            len(samples), 1
+        )
+        metrics[f"inst_level_{mode}_acc"] = utils.agg_inst_level_acc(
+            [s[f"follow_instruction_list_{mode}"] for s in samples]
+        )
     metrics["n_prompts"] = len(samples)
     metrics["n_instructions"] = sum(len(s["instruction_id_list"]) for s in samples)
     return metrics, samples

@@ -12,7 +12,7 @@ import torch
 from accelerate import PartialState
 
 from ..configs import ModelArguments
-from ..model import load_tokenizer
+from ..model import load_tokenizer, saved_tokenizer_folder
 from ..runs import run_config
 from . import harness
 from .args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
@@ -104,7 +104,7 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
         check_punkt()
     data = load_task_data(eval_args)
     adapter_config = check_adapter(eval_args.adapter_path, model_args, trust) if eval_args.adapter_path else None
-    tokenizer = load_tokenizer(model_args, trust)
+    tokenizer = load_tokenizer(model_args, trust, eval_args.chat_template_path, adapter_path=eval_args.adapter_path)
     model = load_eval_model(model_args, eval_args.adapter_path, trust)
 
     results, samples, seconds = {}, {}, {}
@@ -139,6 +139,8 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "adapter_path": eval_args.adapter_path,
             "adapter_config": {k: adapter_config.get(k) for k in ADAPTER_KEYS} if adapter_config else None,
+            "tokenizer": str(saved_tokenizer_folder(eval_args.adapter_path) or model_args.model_name_or_path),
+            "chat_template": tokenizer.chat_template,
         },
         "results": results,
         "config": run_config(eval_args, model_args),

@@ -1,4 +1,4 @@
-"""The datasets and the IFEval scoring of this package's lm-eval-harness tasks (the YAML files next to this one).
+"""The datasets of this package's lm-eval-harness tasks (the YAML files next to this one): local files read and checked.
 
 lm-eval imports this file by its path (`!function loaders.<name>`) and calls a task's `custom_dataset` with the
 task's `metadata` and `dataset_kwargs` as keyword arguments; `sftmix_trl.evaluation` puts the user's data path
@@ -12,14 +12,12 @@ The loaders are `sftmix_trl.evaluation`'s own: a malformed file stops the run wi
 
 from __future__ import annotations
 
-import json
-
 from datasets import Dataset, DatasetDict
 
 from sftmix_trl.evaluation.args import MMLU_MEDICAL_SUBJECTS
 from sftmix_trl.evaluation.choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
 from sftmix_trl.evaluation.errors import EvalError
-from sftmix_trl.evaluation.ifeval import IFEvalPrompt, load_ifeval, score_ifeval
+from sftmix_trl.evaluation.ifeval import load_ifeval
 
 
 def _required(data: str | None, task: str) -> str:
@@ -54,32 +52,11 @@ def medmcqa(data: str | None = None, **_) -> DatasetDict:
 
 
 def ifeval(data: str | None = None, **_) -> DatasetDict:
-    """IFEval prompts from a local input_data.jsonl; `kwargs` stays a JSON string, since Arrow would give every
-    prompt's kwargs every other prompt's keys (as None)."""
+    """IFEval prompts from a local input_data.jsonl, checked, in the schema of the Hub's google/IFEval that lm-eval's
+    ifeval task reads: Arrow gives every prompt's `kwargs` every other prompt's keys (as None), which lm-eval's
+    `process_results` drops, as it does for the Hub copy."""
     rows = [
-        {
-            "key": p.key,
-            "prompt": p.prompt,
-            "instruction_id_list": p.instruction_id_list,
-            "kwargs": json.dumps(p.kwargs),
-        }
+        {"key": p.key, "prompt": p.prompt, "instruction_id_list": p.instruction_id_list, "kwargs": p.kwargs}
         for p in load_ifeval(_required(data, "ifeval"))
     ]
     return DatasetDict({"test": Dataset.from_list(rows)})
-
-
-def ifeval_results(doc: dict, results: list[str]) -> dict:
-    """One prompt's verdicts, from `score_ifeval` (lm-eval's rules, seeded per prompt)."""
-    prompt = IFEvalPrompt(doc["key"], doc["prompt"], list(doc["instruction_id_list"]), json.loads(doc["kwargs"]))
-    _, (sample,) = score_ifeval([prompt], [results[0]])
-    return {
-        f"{level}_level_{mode}_acc": sample[f"follow_{kind}_{mode}"]
-        for mode in ("strict", "loose")
-        for level, kind in (("prompt", "all_instructions"), ("inst", "instruction_list"))
-    }
-
-
-def instruction_level(items: list[list[bool]]) -> float:
-    """Share of all instructions followed, over every prompt's list of verdicts."""
-    flat = [verdict for verdicts in items for verdict in verdicts]
-    return sum(flat) / len(flat) if flat else float("nan")
