@@ -10,8 +10,9 @@ fingerprint of the normalised example: the confidence stage keys its scores by i
 truncation leaves without a response token, so row positions are not stable between stages.
 
 ShareGPT files (``conversations`` of ``{from, value}`` turns) are read as ``messages`` with their role names mapped
-(``ROLE_MAP`` plus the user's ``role_map``). Records that cannot train (no reply, empty replies, ...) are dropped and
-counted per reason in a ``drops.DropLog``, never silently.
+(``ROLE_MAP`` plus the user's ``role_map``). Records that cannot train (no reply, empty replies, ...) and repeats of
+an earlier record (same prompt and completion: one id must mean one example) are dropped and counted per reason in a
+``drops.DropLog``, never silently.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets, load_dataset
@@ -353,8 +355,9 @@ def has_multi_turn(*datasets: Dataset | None) -> bool:
 def load_source(
     source: DataSource, seed: int = 42, assistant_turns: str = "all", drops: DropLog | None = None
 ) -> Dataset:
-    """Read, validate, normalise and fingerprint one source; drop (and count in `drops`) the records that cannot
-    train.
+    """Read, validate, normalise and fingerprint one source, then take its `fraction`; drop (and count in `drops`) the
+    records that cannot train and those whose example repeats one already kept (`drops.where` holds the ids kept, of
+    this source and of the sources loaded before it into the same `drops`).
 
     `assistant_turns`: "all" trains every assistant turn of a multi-turn conversation, "last" only its last.
     """
@@ -366,7 +369,7 @@ def load_source(
         raise DataError(f"{source.path}: the dataset is empty")
     drops.read += len(records)
     formats: dict[str, str] = {}  # with `auto`, the format of each file of a folder, from its first record
-    examples = []
+    examples, locations = [], []
     for where, record in records:
         fmt = source.format
         if fmt == "auto":
@@ -380,17 +383,26 @@ def load_source(
             drops.add(unusable.reason, where)
             continue
         example[EXAMPLE_ID] = example_fingerprint(example)
-        drops.where[example[EXAMPLE_ID]] = where  # for the drops seen later (template, truncation)
         examples.append(example)
+        locations.append(where)
     if not examples:
         drops.log()
         reasons = "; ".join(drops.describe(r) for r in drops.locations)
         raise DataError(f"{source.path}: no record can train: {reasons}")
-    dataset = Dataset.from_list(examples)
+    rows = range(len(examples))
     if source.fraction < 1:
-        keep = max(1, round(source.fraction * len(dataset)))
-        dataset = dataset.shuffle(seed=seed).select(range(keep))
-    return dataset
+        keep = max(1, round(source.fraction * len(examples)))
+        rows = np.random.default_rng(seed).permutation(len(examples))[:keep]  # the rows Dataset.shuffle(seed) picks
+    kept = []
+    for row in rows:
+        example, where = examples[row], locations[row]
+        first = drops.where.get(example[EXAMPLE_ID])
+        if first is not None:  # one id must mean one example: the confidence table is keyed by it
+            drops.add("duplicate", f"{where} (copy of {first})")
+            continue
+        drops.where[example[EXAMPLE_ID]] = where  # for the drops seen later (template, truncation)
+        kept.append(example)
+    return Dataset.from_list(kept)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,24 +446,10 @@ def sources_from_args(script_args) -> list[DataSource]:
     return sources
 
 
-def _deduplicate(dataset: Dataset) -> Dataset:
-    seen: set[str] = set()
-    keep = []
-    for index, example_id in enumerate(dataset[EXAMPLE_ID]):
-        if example_id not in seen:
-            seen.add(example_id)
-            keep.append(index)
-    if len(keep) < len(dataset):
-        # One id must mean one example: the confidence table is keyed by it.
-        logger.warning("dropped %d duplicate examples (same prompt and completion)", len(dataset) - len(keep))
-        dataset = dataset.select(keep)
-    return dataset
-
-
 def load_datasets(script_args, drops: DropLog | None = None) -> tuple[Dataset, Dataset | None]:
     """The training set and the optional held-out split, normalised, fingerprinted and de-duplicated.
 
-    Records that cannot train are dropped and counted in `drops` (a new `DropLog` when None), one log line per
+    Records that cannot train, and repeats of an earlier record, are dropped and counted in `drops` (a new `DropLog` when None), one log line per
     reason; too many of them stop here (`max_dropped_fraction`), before anything is written.
     """
     if drops is None:
@@ -461,9 +459,10 @@ def load_datasets(script_args, drops: DropLog | None = None) -> tuple[Dataset, D
     assistant_turns = getattr(script_args, "assistant_turns", "all")
     parts = [load_source(source, seed, assistant_turns, drops) for source in sources]
     drops.log()
+    parts = [part for part in parts if len(part)]  # a source whose every record repeats an earlier source's
     drops.check(sum(len(part) for part in parts))
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    dataset = _deduplicate(dataset).shuffle(seed=seed).flatten_indices()
+    dataset = dataset.shuffle(seed=seed).flatten_indices()
     eval_dataset = None
     size = script_args.eval_split_size
     if size:

@@ -2,12 +2,13 @@
 
 TRL prepares the data inside `SFTTrainer.__init__` (chat template, completion mask, truncation at `max_length`, and
 the silent drop of examples that truncation leaves without a response token); the SFTMix recipes write the
-confidence folder before that. So the recipes call `check_training_data` (or `check_sftmix_data`) right after
-loading the data and the tokenizer: it runs TRL's own preparation on the data (no model needed), turns every count
-that would fail later (no example left, too few for the confidence split, for the reference's snapshots or for a
-micro-batch of pairs) into one `DataError` line, and returns the prepared sets (`PreparedData`). The recipes hand
-those to the trainers, which then skip their own preparation (`TruncatingSFTTrainer` recognises a prepared dataset):
-the data is tokenised once per run (twice when the stage-1 reference has a tokenizer of its own).
+confidence folder before that. So the recipes call `check_training_data` (or `check_sftmix_data`), through
+`prepare.prepare_run_data`, right after loading the data and the tokenizer: it runs TRL's own preparation on the
+data (no model needed), turns every count that would fail later (no example left, too few for the confidence split,
+for the reference's snapshots or for a micro-batch of pairs) into one `DataError` line, and returns the prepared sets
+(`PreparedData`). The recipes hand those to the trainers, which then skip their own preparation
+(`TruncatingSFTTrainer` recognises a prepared dataset): the data is tokenised once per run (twice when the stage-1
+reference has a tokenizer of its own).
 
 Records that cannot train are dropped and counted (`drops.DropLog`): those the chat template refuses to render
 (`drop_unrenderable`, with the template's own message) and those that truncation leaves without a reply. With a

@@ -1,11 +1,12 @@
 """Records that cannot train: dropped, counted per reason, logged, recorded, and a stop when too many go.
 
-One policy for every format. A record is dropped when nothing in it can be trained (see `REASONS`); each reason is
-logged once with its count and the first few record locations, the counts go into `sftmix_run.json` and the model
-card, and the run stops (one `DataError` naming the reasons) when the dropped share passes `max_dropped_fraction` or
-nothing is left. Records are dropped at two stages: reading (the record's own shape) and the pre-write check (the chat
-template and `max_length`); the dropped share compounds the two, since the second stage sees only what the first
-kept (and, with a mixture's `fraction`, a sample of it).
+One policy for every format. A record is dropped when nothing in it can be trained, or when it repeats an earlier
+record (its example id would then name two rows; see `REASONS`); each reason is logged once with its count and the
+first few record locations, the counts go into `sftmix_run.json` and the model card, and the run stops (one
+`DataError` naming the reasons) when the dropped share passes `max_dropped_fraction` or nothing is left. Records are
+dropped at two stages: reading (the record's own shape, and repeats) and the pre-write check (the chat template and
+`max_length`); the dropped share compounds the two, since the second stage sees only what the first kept (and, with
+a mixture's `fraction`, a sample of it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ REASONS = {
     "system_only": "only a system message",
     "no_reply": "no assistant reply after a prompt",
     "empty_reply": "every assistant reply is empty",
+    "duplicate": "the same prompt and completion as an earlier record",
     "template_refused": "the chat template refuses to render it",
     "truncated": "every assistant reply truncated away at max_length",
 }
@@ -108,9 +110,10 @@ class DropLog:
         reasons = "; ".join(self.describe(r) for r in REASONS if self.counts[r])
         if not left:
             raise DataError(f"no record can train: {reasons or 'the data is empty'}")
+        fix = "remove the repeated records, " if self.counts["duplicate"] else ""
         raise DataError(
             f"{share:.1%} of the records cannot train, more than max_dropped_fraction={self.max_dropped_fraction}: "
-            f"{reasons}. Check the file's format (dataset_format, role_map), or raise `max_dropped_fraction`"
+            f"{reasons}. Check the file's format (dataset_format, role_map), {fix}or raise `max_dropped_fraction`"
         )
 
     def as_dict(self) -> dict:

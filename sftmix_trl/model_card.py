@@ -21,8 +21,8 @@ def data_card_section(drops: DropLog) -> str:
     if not rows:
         return f"## Training data\n\nAll {drops.read} records read were usable (none dropped).\n"
     return (
-        f"## Training data\n\n{drops.read} records read; {drops.dropped_fraction():.2%} dropped because they "
-        f"cannot train (the run stops above max_dropped_fraction={drops.max_dropped_fraction}):\n\n"
+        f"## Training data\n\n{drops.read} records read; {drops.dropped_fraction():.2%} dropped "
+        f"(the run stops above max_dropped_fraction={drops.max_dropped_fraction}):\n\n"
         f"| reason | records |\n| --- | --- |\n{rows}\n"
     )
 

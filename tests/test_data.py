@@ -10,6 +10,8 @@ from datasets import Dataset
 
 from sftmix_trl.configs import ScriptArguments
 from sftmix_trl.data import EXAMPLE_ID, DataError, DataSource, example_fingerprint, load_datasets, load_source
+from sftmix_trl.drops import DropLog
+from sftmix_trl.model_card import data_card_section
 
 USER_Q = [{"role": "user", "content": "Name a colour."}]
 ASSISTANT_A = [{"role": "assistant", "content": "Blue."}]
@@ -231,10 +233,42 @@ def test_same_content_in_different_formats_same_id_and_deduplicated(tmp_path, ca
     names = ["alpaca.jsonl", "pc.json", "chat.parquet", "other.jsonl"]
     ids = [load_datasets(ScriptArguments(dataset_name=str(tmp_path / n)))[0][EXAMPLE_ID][0] for n in names]
     assert ids[0] == ids[1] == ids[2] != ids[3]
-    with caplog.at_level(logging.WARNING, logger="sftmix_trl.data"):
-        train, _ = load_datasets(mixture(*({"path": str(tmp_path / n)} for n in names)))
+    drops = DropLog(max_dropped_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="sftmix_trl"):
+        train, _ = load_datasets(mixture(*({"path": str(tmp_path / n)} for n in names)), drops)
     assert sorted(train[EXAMPLE_ID]) == sorted({ids[0], ids[3]})
-    assert "dropped 2 duplicate examples" in caplog.text
+    first = f"{tmp_path / 'alpaca.jsonl'}, line 1"
+    copies = [
+        f"{tmp_path / 'pc.json'}, record 0 (copy of {first})",
+        f"{tmp_path / 'chat.parquet'}, record 0 (copy of {first})",
+    ]
+    assert drops.counts["duplicate"] == 2 and drops.locations["duplicate"] == copies
+    assert f"dropped 2 the same prompt and completion as an earlier record, e.g. {', '.join(copies)}" in caplog.text
+
+
+def test_duplicates_are_a_drop_reason_counted_recorded_and_stopped_on(tmp_path, caplog):
+    """Repeats within a file: dropped with their locations, counted in the dropped share (and its stop),
+    `sftmix_run.json`'s record and the model card; the first copy is the one trained."""
+    records = numbered("x", 6) + numbered("x", 2)  # lines 7 and 8 repeat lines 1 and 2
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(
+        DataError, match=r"25\.0% of the records cannot train.*2 the same prompt and completion"
+    ) as error:
+        load_datasets(ScriptArguments(dataset_name=str(path), max_dropped_fraction=0.2))
+    assert "remove the repeated records" in str(error.value) and "\n" not in str(error.value)
+    drops = DropLog(max_dropped_fraction=0.25)
+    train, _ = load_datasets(ScriptArguments(dataset_name=str(path)), drops)
+    assert len(train) == 6 and len(set(train[EXAMPLE_ID])) == 6
+    assert drops.locations["duplicate"] == [f"{path}, line {n} (copy of {path}, line {n - 6})" for n in (7, 8)]
+    kept = {row["prompt"][0]["content"]: drops.where[row[EXAMPLE_ID]] for row in train}
+    assert kept["x question 0"] == f"{path}, line 1"  # the first copy trains, and later drops name it
+    record = drops.as_dict()
+    assert record["dropped"] == {"duplicate": 2} and record["dropped_fraction"] == pytest.approx(0.25)
+    assert "| the same prompt and completion as an earlier record | 2 |" in data_card_section(drops)
+    # a source's `fraction` samples the rows Dataset.shuffle(seed) picks, as before duplicates were dropped here
+    unique = write_jsonl(tmp_path / "u.jsonl", numbered("u", 10))
+    sample = load_source(DataSource(str(unique), fraction=0.5), seed=3)
+    assert sample[EXAMPLE_ID] == load_source(DataSource(str(unique))).shuffle(seed=3)[EXAMPLE_ID][:5]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

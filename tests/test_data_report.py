@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from conftest import run_recipe, write_jsonl
 from datasets import Dataset
 from test_confidence import _confidence_args
+from test_sharegpt import ALTERNATING_CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftmix_trl.confidence import ConfidenceConfig, ConfidenceError, ConfidenceTable, compute_confidence
@@ -241,3 +243,55 @@ def test_sftmix_recipe_leaves_the_suspicious_share_out_and_records_it(tiny_model
     card = (out / "README.md").read_text()
     assert "left out as suspicious" in card and "| 6 (0.25; see report.md) |" in card
     assert "![Data map](confidence/data_map.png)" in card
+
+
+def test_report_prepares_the_data_as_the_recipes_do(tiny_model, tmp_path, monkeypatch, caplog):
+    """Stage 1, stage 2 and `sftmix-trl report` on one YAML whose data holds a record the chat template refuses (in the
+    training split) and multi-turn conversations only in the held-out split: all three prepare it through one path, so
+    stage 2 and the report reuse stage 1's table (same examples, same scored turns, same template) instead of refusing
+    it as another dataset's."""
+    import sftmix_trl.confidence.reference as confidence_module
+    from sftmix_trl.recipes.confidence import main as confidence_main
+    from sftmix_trl.recipes.report import main as report_main
+    from sftmix_trl.recipes.sftmix import main as sftmix_main
+
+    def chat(*turns):
+        return {"messages": [{"role": role, "content": text} for role, text in turns]}
+
+    count, held_out = 20, 4
+    eval_rows = Dataset.from_dict({"row": range(count)}).shuffle(seed=42)["row"][:held_out]  # load_datasets' split
+    train_rows = [i for i in range(count) if i not in eval_rows]
+    records = [chat(("user", f"Question {i}?"), ("assistant", f"Answer {i}.")) for i in range(count)]
+    for i in eval_rows:
+        records[i] = chat(
+            ("user", f"Hi {i}"), ("assistant", "Hello."), ("user", "Colour?"), ("assistant", f"Blue {i}.")
+        )
+    records[train_rows[0]] = chat(("user", "First part."), ("user", "Second part?"), ("assistant", "Both."))
+    data = write_jsonl(tmp_path / "chats.jsonl", records)
+    (tmp_path / "alternating.jinja").write_text(ALTERNATING_CHATML)
+    model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
+
+    def run(main, **overrides):  # each command parses the YAML afresh: arguments are never shared between them
+        script_args = ScriptArguments(dataset_name=str(data), eval_split_size=held_out, max_dropped_fraction=0.1)
+        overrides = {"num_confidence_checkpoints": 2, "chat_template_path": str(tmp_path / "alternating.jinja")} | (
+            overrides
+        )
+        main(script_args, _args(tmp_path, **overrides), model_args)
+
+    run(confidence_main)
+    directory = tmp_path / "run" / "confidence"
+    meta = json.loads((directory / "metadata.json").read_text())
+    assert meta["run"]["assistant_only_loss"] is True  # decided on both splits, as stage 2 decides it
+    assert meta["num_scored"] == len(train_rows) - 1  # the refused record is not scored
+
+    with caplog.at_level(logging.INFO, logger="sftmix_trl"):
+        run(sftmix_main, max_steps=1, save_strategy="no")
+    assert "reusing the confidence table" in caplog.text
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+    monkeypatch.setattr(confidence_module, "score_perplexities", lambda *a, **k: pytest.fail("scored a snapshot"))
+    run(report_main, report_top_k=3)
+    report = pq.read_table(directory / "report.parquet").to_pylist()
+    table = ConfidenceTable.load(directory)
+    assert sorted(r[EXAMPLE_ID] for r in report) == sorted(table.example_ids)
+    assert "Second part?" not in " ".join(r["prompt"] for r in report)

@@ -1,5 +1,5 @@
 """The recipes as users run them: `accelerate launch recipes/<stage>.py --config <yaml>` in a subprocess, on the
-CPU, single-process and with the 2-process gloo config; and the bad inputs that must stop before any training."""
+CPU, single-process, with the 2-process gloo config and through the Slurm script; and the bad inputs that must stop before any training."""
 
 import importlib.util
 import json
@@ -147,10 +147,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Slurm's srun and scontrol on one host: the command once per "node", each with its SLURM_NODEID; every node is this one
+FAKE_SRUN = """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node "$@" > "$NODE_LOGS/node$node.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[[ "$1 $2" == "show hostnames" ]] && tr ',' '\\n' <<< "$3"
+"""
+
+
 @pytest.mark.slow
-def test_two_machines_match_one_process(tiny_model, tmp_path):
-    """The README's multi-node line (`--num_machines --machine_rank --main_process_ip`), as two one-process "nodes"
-    on this host with a shared output_dir: the same confidence table and losses as one process with their batch."""
+def test_slurm_script_on_two_machines_matches_one_process(tiny_model, tmp_path):
+    """scripts/slurm/sftmix_multinode.sbatch, run as Slurm would run it on two one-process "nodes" (this host twice,
+    gloo on the CPU, a shared output_dir): its launch line (`--num_machines --machine_rank --main_process_ip`) gives
+    the same confidence table and losses as one process with their batch, and an adapter."""
     common = [
         "--config",
         "configs/demo/sftmix_qlora.yaml",
@@ -166,26 +184,35 @@ def test_two_machines_match_one_process(tiny_model, tmp_path):
     ]
     one, nodes = tmp_path / "one", tmp_path / "nodes"
     ok(run_recipe("sftmix.py", *common, "--output_dir", str(one), "--per_device_train_batch_size", "8"))
-    config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
-    node = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_machines", "2"]
-    node += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
-    recipe = [str(ROOT / "recipes" / "sftmix.py"), *common, "--output_dir", str(nodes)]
-    recipe += ["--per_device_train_batch_size", "4", "--reference_batch_size", "4"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launched = [
-        subprocess.Popen(
-            [*node, "--machine_rank", str(rank), *recipe],
-            cwd=ROOT,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [process.communicate(timeout=900)[0] for process in launched]
-    for process, output in zip(launched, outputs):
-        assert process.returncode == 0, output[-5000:]
+    fake_bin, logs = tmp_path / "bin", tmp_path / "logs"
+    fake_bin.mkdir()
+    logs.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(fake_bin), os.path.dirname(sys.executable), os.environ["PATH"]]),
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1",
+        "GPUS_PER_NODE": "1",
+        "ACCELERATE_CONFIG": "accelerate_configs/cpu_2proc.yaml",
+        "MAIN_PROCESS_PORT": str(_free_port()),
+        "NODE_LOGS": str(logs),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    recipe = [*common, "--output_dir", str(nodes), "--per_device_train_batch_size", "4", "--reference_batch_size", "4"]
+    job = subprocess.run(
+        ["bash", "scripts/slurm/sftmix_multinode.sbatch", *recipe],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=900,
+    )
+    outputs = [(logs / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert job.returncode == 0, job.stderr[-2000:] + outputs[0][-4000:] + outputs[1][-4000:]
     assert "on 2 process(es)" in outputs[0]
     table_one, table_nodes = _table(one / "confidence"), _table(nodes / "confidence")
     assert table_nodes.example_ids == table_one.example_ids
@@ -197,6 +224,7 @@ def test_two_machines_match_one_process(tiny_model, tmp_path):
     for a, b in zip(logs_one, logs_nodes):
         for key in ("loss", "ntp_loss", "mixup_loss", "mixup_lambda"):
             assert b[key] == pytest.approx(a[key], rel=2e-3), key
+    assert adapter_changes_outputs(tiny_model, nodes)
 
 
 @pytest.mark.slow

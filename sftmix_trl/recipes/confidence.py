@@ -13,10 +13,7 @@ import logging
 
 from ..confidence import ConfidenceConfig, compute_confidence
 from ..configs import ModelArguments, ScriptArguments
-from ..data import has_multi_turn, load_datasets
-from ..data_checks import check_sftmix_data
-from ..drops import DropLog
-from ..model import load_tokenizer
+from ..prepare import prepare_run_data
 from ..runs import launch, setup_logging
 from ..sftmix_config import SFTMixConfig
 
@@ -26,21 +23,10 @@ ARGUMENTS = (ScriptArguments, SFTMixConfig, ModelArguments)
 
 def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: ModelArguments) -> None:
     setup_logging(training_args)
-    drops = DropLog(script_args.max_dropped_fraction)
-    train_dataset, _ = load_datasets(script_args, drops)
     config = ConfidenceConfig.from_args(training_args)
-    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation
-    # markers
-    training_args.assistant_only_loss |= has_multi_turn(train_dataset)
-    tokenizer = load_tokenizer(
-        model_args,
-        training_args.trust_remote_code,
-        training_args.chat_template_path,
-        training_args.assistant_only_loss,
-    )
-    data = check_sftmix_data(
-        train_dataset, None, tokenizer, model_args, training_args, config, training_args.confidence_dir, drops=drops
-    )
+    data = prepare_run_data(
+        script_args, training_args, model_args, confidence_config=config, table_dir=training_args.confidence_dir
+    ).data
     table = compute_confidence(
         data.examples, model_args, training_args, config, training_args.confidence_dir, prepared=data.reference_train
     )

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..confidence import TABLE_FILE, ConfidenceConfig, ConfidenceError, compute_confidence
 from ..configs import ModelArguments, ScriptArguments
-from ..data import has_multi_turn, load_datasets
 from ..data_report import REPORT_PAGE, REPORT_TABLE
+from ..prepare import prepare_run_data
 from ..runs import launch, setup_logging
 from ..sftmix_config import SFTMixConfig
 
@@ -30,13 +30,15 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         raise ConfidenceError(
             f"no confidence table in {directory}: run stage 1 first (`sftmix-trl confidence --config ...`)"
         )
-    train_dataset, _ = load_datasets(script_args)
-    training_args.assistant_only_loss |= has_multi_turn(train_dataset)
     config = ConfidenceConfig.from_args(training_args)
     config.data_report = True
+    # The data as the run that wrote the table prepared it: same examples, same scored tokens, same template
+    data = prepare_run_data(
+        script_args, training_args, model_args, confidence_config=config, table_dir=str(directory)
+    ).data
     if training_args.should_save:
         (directory / REPORT_TABLE).unlink(missing_ok=True)  # written again last: the report is then complete
-    compute_confidence(train_dataset, model_args, training_args, config, directory)
+    compute_confidence(data.examples, model_args, training_args, config, directory, prepared=data.reference_train)
     print(f"data report: {directory / REPORT_PAGE}")
 
 

@@ -7,11 +7,9 @@ sftmix-trl sft --config my.yaml                          (an installed package, 
 from __future__ import annotations
 
 from ..configs import ModelArguments, ScriptArguments, SFTConfig
-from ..data import has_multi_turn, load_datasets
-from ..data_checks import check_training_data, drop_unrenderable
-from ..drops import DropLog
-from ..model import load_model, load_tokenizer, lora_config
+from ..model import load_model, lora_config
 from ..ntp_trainer import NTPTrainer
+from ..prepare import prepare_run_data
 from ..runs import (
     check_output_dir,
     launch,
@@ -30,23 +28,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     config = run_config(script_args, training_args, model_args)
     resume = resolve_resume(training_args)
     check_output_dir(training_args, config, resume, script_args.overwrite_output_dir)
-    drops = DropLog(script_args.max_dropped_fraction)
-    train_dataset, eval_dataset = load_datasets(script_args, drops)
-    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation
-    # markers
-    training_args.assistant_only_loss |= has_multi_turn(train_dataset, eval_dataset)
-    tokenizer = load_tokenizer(
-        model_args,
-        training_args.trust_remote_code,
-        training_args.chat_template_path,
-        training_args.assistant_only_loss,
-    )
     # The data prepared once, as TRL would, and checked before any write
-    train_dataset = drop_unrenderable(train_dataset, tokenizer, drops)
-    eval_dataset = drop_unrenderable(eval_dataset, tokenizer, drops, name="eval")
-    data = check_training_data(
-        train_dataset, tokenizer, training_args, eval_dataset, trainer_class=NTPTrainer, drops=drops
-    )
+    run = prepare_run_data(script_args, training_args, model_args, NTPTrainer)
+    data, tokenizer, drops = run.data, run.tokenizer, run.drops
     model = load_model(model_args, training_args.trust_remote_code)
 
     push, training_args.push_to_hub = training_args.push_to_hub, False  # published below, once saved locally

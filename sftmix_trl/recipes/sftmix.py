@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from ..confidence import ConfidenceConfig, compute_confidence
 from ..configs import ModelArguments, ScriptArguments
-from ..data import has_multi_turn, load_datasets
-from ..data_checks import check_sftmix_data
 from ..data_report import exclude_suspicious
-from ..drops import DropLog
-from ..model import load_model, load_tokenizer, lora_config
+from ..model import load_model, lora_config
 from ..model_card import sftmix_card_sections
+from ..prepare import prepare_run_data
 from ..runs import (
     check_output_dir,
     launch,
@@ -36,31 +34,18 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     check_output_dir(
         training_args, config, resume, script_args.overwrite_output_dir, keep=training_args.confidence_dir
     )
-    drops = DropLog(script_args.max_dropped_fraction)
-    train_dataset, eval_dataset = load_datasets(script_args, drops)
     confidence_config = ConfidenceConfig.from_args(training_args)
     table_dir = training_args.confidence_table or training_args.confidence_dir
-    # Multi-turn conversations train every assistant turn: TRL masks the rest through the template's generation
-    # markers
-    training_args.assistant_only_loss |= has_multi_turn(train_dataset, eval_dataset)
-    tokenizer = load_tokenizer(
-        model_args,
-        training_args.trust_remote_code,
-        training_args.chat_template_path,
-        training_args.assistant_only_loss,
-    )
-    data = check_sftmix_data(  # the data prepared once, as TRL would, and checked before any write
-        train_dataset,
-        eval_dataset,
-        tokenizer,
-        model_args,
+    run = prepare_run_data(  # the data prepared once, as TRL would, and checked before any write
+        script_args,
         training_args,
+        model_args,
+        SFTMixTrainer,
         confidence_config,
         table_dir,
-        SFTMixTrainer,
         table_given=training_args.confidence_table is not None,
-        drops=drops,
     )
+    data, tokenizer, drops = run.data, run.tokenizer, run.drops
     table = compute_confidence(
         data.examples,
         model_args,
