@@ -42,7 +42,7 @@ def test_a_yaml_typo_in_a_choice_stops_the_parser_in_one_line(tmp_path):
 
 
 def test_the_paired_sampler_draws_from_data_seed_like_transformers_samplers(tiny_model, tmp_path):
-    from test_trainer import build, make_args
+    from test_sftmix_trainer import build, make_args
 
     from sftmix_trl.data import load_datasets
 
