@@ -322,7 +322,8 @@ def exclusion(args) -> None:
     share of its report (`exclude_suspicious`, as stage 2 does), against the same run on everything (the stage-1
     reference itself: its last snapshot), on clean held-out records."""
     from sftmix_trl.confidence import ConfidenceConfig, ConfidenceTable
-    from sftmix_trl.confidence.reference import _check_snapshot, _reference_args
+    from sftmix_trl.confidence.reference import _reference_args
+    from sftmix_trl.confidence.snapshots import load_snapshot
     from sftmix_trl.data import EXAMPLE_ID
     from sftmix_trl.data_report import exclude_suspicious
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
@@ -350,7 +351,7 @@ def exclusion(args) -> None:
         )
         if name == "all examples":  # the stage-1 reference is this very run on all examples: its last snapshot
             last = json.loads((directory / "snapshots" / "steps.json").read_text())[-1]
-            load_adapter_state(trainer.model, _check_snapshot(directory / "snapshots" / f"step-{last}"))
+            load_adapter_state(trainer.model, load_snapshot(directory / "snapshots" / f"step-{last}"))
         else:
             trainer.train()
         loss = _held_out_loss(trainer.model, tokenizer, trainer.eval_dataset)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import trl
@@ -40,13 +43,12 @@ class ScriptArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
-    dataset_format: str = field(
+    dataset_format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = field(
         default="auto",
         metadata={
             "help": "Record format of `dataset_name`: 'alpaca' (instruction, input, output), 'prompt_completion' "
             "(strings or chat messages), 'messages' (chat, possibly multi-turn; see `assistant_turns`), 'sharegpt' "
-            "(`conversations` of {from, value} turns; see `role_map`) or 'auto' (detected from the columns).",
-            "choices": ["auto", "alpaca", "prompt_completion", "messages", "sharegpt"],
+            "(`conversations` of {from, value} turns; see `role_map`) or 'auto' (detected from the columns)."
         },
     )
     role_map: dict[str, str] | str | None = field(
@@ -67,14 +69,13 @@ class ScriptArguments:
             "sftmix_run.json and the model card. 1 never stops (unless nothing is left)."
         },
     )
-    assistant_turns: str = field(
+    assistant_turns: Literal["all", "last"] = field(
         default="all",
         metadata={
             "help": "Assistant turns of a multi-turn 'messages' conversation that are trained and scored: 'all' "
             "(every one, through TRL's `assistant_only_loss`, turned on automatically; the chat template needs "
             "generation markers around the replies, derived for ChatML-like templates) or 'last' (only the last; "
-            "earlier turns are context). Single-turn examples train the same either way.",
-            "choices": ["all", "last"],
+            "earlier turns are context). Single-turn examples train the same either way."
         },
     )
     dataset_mixture: dict[str, Any] | str | None = field(
@@ -128,12 +129,11 @@ class ScriptArguments:
 class ModelArguments(ModelConfig):
     """TRL's `ModelConfig` with QLoRA defaults: a 4-bit nf4 base with double quantisation and LoRA on all linears."""
 
-    dtype: str | None = field(
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = field(
         default="auto",
         metadata={
             "help": "dtype of the base's unquantised weights and the 4-bit compute dtype. 'auto' chooses at run time: "
-            "bfloat16 where CUDA supports it, float16 on older GPUs, float32 on a CPU.",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "bfloat16 where CUDA supports it, float16 on older GPUs, float32 on a CPU."
         },
     )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the base stays frozen)."})
@@ -159,15 +159,29 @@ class ModelArguments(ModelConfig):
         super().__post_init__()
 
 
+@functools.cache
+def _literal_choices(config_type: type) -> dict[str, tuple]:
+    """Field name -> the values of its `Literal[...]` type (also inside `Literal[...] | None`)."""
+    found = {}
+    for name, hint in typing.get_type_hints(config_type).items():
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next((arg for arg in typing.get_args(hint) if typing.get_origin(arg) is Literal), hint)
+        if typing.get_origin(hint) is Literal:
+            found[name] = typing.get_args(hint)
+    return found
+
+
 def check_choices(config) -> None:
-    """Refuse a field value outside the field's documented `choices`, for configs built in Python or from a YAML file
-    (argparse checks only the command line): a typo such as `mixup_lambda_per: batches` must not run the default."""
+    """Refuse a field value outside the field's choices (its `Literal` type, or `choices` in its metadata), for
+    configs built in Python or from a YAML file (argparse checks only the command line): a typo such as
+    `mixup_lambda_per: batches` must not run the default."""
     from enum import Enum
 
     from .errors import SFTMixError
 
+    literal = _literal_choices(type(config))
     for spec in fields(config):
-        choices = spec.metadata.get("choices")
+        choices = spec.metadata.get("choices") or literal.get(spec.name)
         value = getattr(config, spec.name, None)
         if not choices or value is None:
             continue
@@ -203,7 +217,12 @@ class SFTConfig(trl.SFTConfig):
     )
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing`.", "nargs": "?", "const": True},
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing`, removed in transformers v6 (which warns when it "
+            "is set).",
+            "nargs": "?",
+            "const": True,
+        },
     )
 
     def __post_init__(self):

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 from .drops import DEFAULT_MAX_DROPPED_FRACTION, DropLog
-from .errors import SFTMixError
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ ROLE_MAP = {
     "model": "assistant",
     "tool": "tool",
 }
-
-
-class DataError(SFTMixError):
-    """A data problem the user can fix: the message names the file, the record and the field."""
 
 
 class Unusable(Exception):

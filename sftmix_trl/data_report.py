@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from .atomic import atomic_write
-from .confidence import ConfidenceError, ConfidenceTable
+from .confidence.table import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID
 
 logger = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def run_data_report(
     `metadata["data_report"]` (the passes' time, what was excluded)."""
     from accelerate import PartialState
 
-    from .confidence.reference import _check_snapshot
+    from .confidence.snapshots import load_snapshot
     from .sharded import load_adapter_state
 
     directory = Path(directory)
@@ -274,7 +274,7 @@ def run_data_report(
         steps = table.metadata.get("snapshot_steps") or []
         if not steps:
             raise ConfidenceError(f"the table in {directory} records no snapshot: use prompt_fit_model: base")
-        load_adapter_state(scoring_model, _check_snapshot(directory / "snapshots" / f"step-{steps[-1]}"))
+        load_adapter_state(scoring_model, load_snapshot(directory / "snapshots" / f"step-{steps[-1]}"))
 
     given, alone, seconds = compute_prompt_fit(
         scoring_model, prepared, tokenizer, table, config, directory, last_snapshot

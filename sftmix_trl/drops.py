@@ -15,6 +15,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .errors import DataError
+
 logger = logging.getLogger(__name__)
 
 # reason -> what the log line says
@@ -102,8 +104,6 @@ class DropLog:
 
     def check(self, left: int) -> None:
         """Stop when nothing is left, or when the dropped share passes `max_dropped_fraction`."""
-        from .data import DataError  # data.py records its drops here
-
         share = self.dropped_fraction()
         if left and share <= self.max_dropped_fraction:
             return

@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class SFTMixError(ValueError):
     """A problem the user can fix; the message says what and how."""
+
+
+class DataError(SFTMixError):
+    """A data problem the user can fix: the message names the file, the record and the field."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .confidence import ConfidenceConfig
 from .configs import SFTConfig
@@ -30,11 +31,46 @@ def unsupported_parallelism(tp_size: int, cp_size: int, sp_size: int, n_gpu: int
 
 @dataclass
 class SFTMixConfig(SFTConfig, ConfidenceConfig):
-    """Configuration of `SFTMixTrainer`. The loss is `L = L_ntp + mixup_weight * L_mix`.
+    """Configuration of `SFTMixTrainer`: TRL's `SFTConfig` (through `sftmix_trl.configs.SFTConfig`, whose precision
+    follows the device), the stage-1 settings of [`ConfidenceConfig`] (so one YAML drives both stages) and the Mixup
+    settings below. The loss is `L = L_ntp + mixup_weight * L_mix`.
 
     `per_device_train_batch_size` is 2K: K confident and K unconfident sequences, forming K pairs (unless
     `tokens_per_micro_batch` sets a token budget instead). `train_sampling_strategy: group_by_length` pairs examples of
-    similar response lengths inside length-sorted mega-batches (more mixed positions per pair, less padding).
+    similar response lengths inside length-sorted mega-batches (more mixed positions per pair, less padding); `packing`
+    and `shuffle_dataset` are refused, since they break the pairs.
+
+    Parameters:
+        > Parameters of the Mixup term (stage 2)
+
+        mixup_alpha (`float`, *optional*, defaults to `0.5`):
+            alpha of the Beta(alpha, alpha) distribution each lambda is drawn from.
+        mixup_weight (`float`, *optional*, defaults to `0.2`):
+            mu, the weight of the Mixup term added to the NTP loss; `0` gives plain NTP on the same batches.
+        mixup_lambda_per (`Literal["pair", "batch"]`, *optional*, defaults to `"pair"`):
+            Draw one lambda per pair, or one per micro-batch shared by its pairs.
+        mixup_chunk_size (`int`, *optional*, defaults to `256`):
+            Mixed positions whose float32 logits exist at once in the Mixup loss: the memory knob of the term.
+        tokens_per_micro_batch (`int`, *optional*):
+            Fill each micro-batch with whole pairs up to this many computed tokens instead of
+            `per_device_train_batch_size / 2` pairs; a pair over the budget gets a micro-batch of its own. `None`:
+            fixed-size micro-batches.
+
+        > Parameters of the confidence table
+
+        confidence_table (`str`, *optional*):
+            Folder of an existing confidence table to train on; it must match the data and labelling settings.
+            Default: `confidence_dir`, computed there first if missing.
+        push_confidence_table (`bool`, *optional*, defaults to `False`):
+            With `push_to_hub`, also upload the stage-1 table (`<output_dir>/confidence/confidence.parquet`) with the
+            adapter.
+
+        > Stage 1 (the reference pass and the data report)
+
+        The fields of [`ConfidenceConfig`]: `confidence_dir`, `reference_model_name_or_path`, `reference_epochs`,
+        `reference_learning_rate`, `reference_batch_size`, `reference_gradient_accumulation_steps`,
+        `num_confidence_checkpoints`, `scoring_batch_size`, `confident_fraction`, `data_report`, `prompt_fit_model`,
+        `report_top_k`, `exclude_suspicious_fraction`.
     """
 
     mixup_alpha: float = field(
@@ -43,12 +79,9 @@ class SFTMixConfig(SFTConfig, ConfidenceConfig):
     mixup_weight: float = field(
         default=0.2, metadata={"help": "mu: weight of the Mixup term added to the NTP loss (0 gives plain NTP)."}
     )
-    mixup_lambda_per: str = field(
+    mixup_lambda_per: Literal["pair", "batch"] = field(
         default="pair",
-        metadata={
-            "help": "Draw one lambda per pair, or one per micro-batch shared by its pairs.",
-            "choices": ["pair", "batch"],
-        },
+        metadata={"help": "Draw one lambda per pair, or one per micro-batch shared by its pairs."},
     )
     mixup_chunk_size: int = field(
         default=256,

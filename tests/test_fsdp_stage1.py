@@ -108,7 +108,8 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from sftmix_trl.confidence import length_grouped_batches, score_perplexities
-    from sftmix_trl.confidence.reference import _check_snapshot, _SnapshotCallback
+    from sftmix_trl.confidence.reference import _SnapshotCallback
+    from sftmix_trl.confidence.snapshots import load_snapshot
     from sftmix_trl.sharded import gather_adapter_state, load_adapter_state
 
     state = PartialState(cpu=True)
@@ -142,7 +143,7 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
         with count_unsharded(unsharded):
             callback.on_step_end(None, world, None)
         state.wait_for_everyone()
-        weights = _check_snapshot(directory / "step-1")
+        weights = load_snapshot(directory / "step-1")
         snapshot_vs_bare = max(
             (weights[k.replace(".default", "")].float() - v.float()).abs().max().item() for k, v in bare.items()
         )
@@ -253,14 +254,14 @@ def test_an_empty_snapshot_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     from sftmix_trl.confidence import ConfidenceError
-    from sftmix_trl.confidence.reference import _check_snapshot
+    from sftmix_trl.confidence.snapshots import load_snapshot
 
     for name, tensors in (("empty", {}), ("unsharded", {"a.lora_A.weight": torch.zeros(0)})):
         folder = tmp_path / "confidence" / "snapshots" / name
         folder.mkdir(parents=True)
         save_file(tensors, folder / "adapter_model.safetensors")
         with pytest.raises(ConfidenceError, match="empty or holds 0-size tensors; delete .*confidence and recompute"):
-            _check_snapshot(folder)
+            load_snapshot(folder)
 
 
 if __name__ == "__main__":

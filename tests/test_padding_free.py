@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_recipe
 from test_recipes import TINY, _run_in_process, assert_stage2_two_processes_match_one, ok
-from test_trainer import NUM_EXAMPLES, crafted_table, make_args
+from test_sftmix_trainer import NUM_EXAMPLES, crafted_table, make_args
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling

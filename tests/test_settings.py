@@ -42,7 +42,7 @@ def test_a_yaml_typo_in_a_choice_stops_the_parser_in_one_line(tmp_path):
 
 
 def test_the_paired_sampler_draws_from_data_seed_like_transformers_samplers(tiny_model, tmp_path):
-    from test_trainer import build, make_args
+    from test_sftmix_trainer import build, make_args
 
     from sftmix_trl.data import load_datasets
 
@@ -80,7 +80,8 @@ def test_checkpointing_uses_the_current_name_without_a_deprecation_warning(tmp_p
         off = config(tmp_path, activation_checkpointing=False)
     assert default.activation_checkpointing is True and default.gradient_checkpointing is True  # TRL's default
     assert off.activation_checkpointing is False and off.gradient_checkpointing is False
-    with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the old name still works, and says so
+    # the old name still works, and says which release removes it
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated and will be removed in v6"):
         old = config(tmp_path, gradient_checkpointing=False)
     assert old.activation_checkpointing is False
 

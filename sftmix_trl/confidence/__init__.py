@@ -8,6 +8,7 @@ higher-confidence `confident_fraction` of the examples is D_c, the rest D_u.
     config.py      `ConfidenceConfig`, the stage's settings
     table.py       `ConfidenceTable`, the median split, and the metadata that says which data a table fits
     scoring.py     `score_perplexities`: every example's response perplexity, sharded over the processes
+    snapshots.py   `load_snapshot`: a reference snapshot read back, an empty one refused
     reference.py   `compute_confidence`: the reference run, its snapshots, the scoring of each, the table
 
 Everything lands in one folder (`confidence_dir`):

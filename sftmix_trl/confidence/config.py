@@ -5,12 +5,50 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class ConfidenceConfig:
-    """Settings of the reference pass (SFTMix stage 1). `SFTMixConfig` carries the same fields, so one YAML drives
-    both stages."""
+    """Settings of SFTMix stage 1: the reference pass that scores every example's confidence, and the data report
+    written beside the table. `SFTMixConfig` carries the same fields, so one YAML drives both stages.
+
+    Parameters:
+        > Parameters of the reference pass
+
+        confidence_dir (`str`, *optional*):
+            Folder of the confidence table and its snapshots. Default: `<output_dir>/confidence`. An existing table
+            there is reused when it matches the data and settings, and refused when it does not.
+        reference_model_name_or_path (`str`, *optional*):
+            Base of the reference adapter. Default: the model being trained (the same 4-bit base); a smaller model,
+            even of another family, works too.
+        reference_epochs (`float`, *optional*, defaults to `1.0`):
+            Epochs of NTP training of the reference adapter.
+        reference_learning_rate (`float`, *optional*, defaults to `2e-4`):
+            Learning rate of the reference adapter.
+        reference_batch_size (`int`, *optional*, defaults to `8`):
+            Per-device batch size of the reference training.
+        reference_gradient_accumulation_steps (`int`, *optional*, defaults to `1`):
+            Gradient accumulation of the reference training.
+        num_confidence_checkpoints (`int`, *optional*, defaults to `3`):
+            C, the adapter snapshots scored along the reference run, evenly spaced, the last at its end.
+        scoring_batch_size (`int`, *optional*, defaults to `32`):
+            Sequences per scoring batch (forward only, grouped by length).
+        confident_fraction (`float`, *optional*, defaults to `0.5`):
+            Share of the examples put in the confident subset (`0.5`: a median split).
+
+        > Parameters of the data report (none of them changes the table)
+
+        data_report (`bool`, *optional*, defaults to `True`):
+            Write the data report beside the table (`report.parquet`, `report.md`, `data_map.png`).
+        prompt_fit_model (`Literal["base", "reference"]`, *optional*, defaults to `"base"`):
+            Model whose prompt fit ranks the examples: the reference's base with the adapter off (2 passes), or the
+            reference's last snapshot (1 pass).
+        report_top_k (`int`, *optional*, defaults to `20`):
+            Most suspicious examples listed, with their text, in `report.md`.
+        exclude_suspicious_fraction (`float`, *optional*, defaults to `0.0`):
+            Leave the floor(fraction x N) most suspicious examples out of stage 2 and out of its confidence split.
+    """
 
     confidence_dir: str | None = field(
         default=None,
@@ -51,13 +89,12 @@ class ConfidenceConfig:
             "prompt-fit forward passes (2 with the base model, 1 with the reference)."
         },
     )
-    prompt_fit_model: str = field(
+    prompt_fit_model: Literal["base", "reference"] = field(
         default="base",
         metadata={
             "help": "Model whose prompt fit (PPL(response | prompt) / PPL(response alone)) ranks the examples: "
             "'base' (the reference's base, adapter off: finds injected mismatched answers best, see "
-            "benchmarks/results/noise_detection.md) or 'reference' (its last snapshot: one pass fewer).",
-            "choices": ["base", "reference"],
+            "benchmarks/results/noise_detection.md) or 'reference' (its last snapshot: one pass fewer)."
         },
     )
     report_top_k: int = field(

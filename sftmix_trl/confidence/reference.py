@@ -25,6 +25,7 @@ from ..data import EXAMPLE_ID
 from ..sharded import load_adapter_state, save_adapter_snapshot, scoring_module
 from .config import ConfidenceConfig
 from .scoring import score_perplexities
+from .snapshots import load_snapshot
 from .table import (
     DATA_KEYS,
     METADATA_DEFAULTS,
@@ -73,23 +74,9 @@ class _SnapshotCallback(TrainerCallback):
             shutil.rmtree(staging, ignore_errors=True)
         save_adapter_snapshot(self.trainer.model_wrapped, staging, state.is_world_process_zero)  # on every process
         if state.is_world_process_zero:
-            _check_snapshot(staging)
+            load_snapshot(staging)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
-
-
-def _check_snapshot(directory: Path) -> dict[str, torch.Tensor]:
-    """The weights of a snapshot; an empty one (an ungathered shard saved) is refused, never scored."""
-    from safetensors.torch import load_file
-
-    path = directory / "adapter_model.safetensors"
-    weights = load_file(path) if path.is_file() else {}
-    if not weights or any(t.numel() == 0 for t in weights.values()):
-        raise ConfidenceError(
-            f"the reference snapshot {path} is missing, empty or holds 0-size tensors; delete "
-            f"{directory.parent.parent} and recompute"
-        )
-    return weights
 
 
 def _scoring_model(trainer):
@@ -304,7 +291,7 @@ def _score_snapshots(
             logger.info("snapshot %d/%d (step %d): scores found, skipped", c, len(steps), step)
             columns.append(np.asarray(pq.read_table(scores_path)["perplexity"].to_numpy(), dtype=np.float64))
             continue
-        weights = _check_snapshot(directory / "snapshots" / f"step-{step}")
+        weights = load_snapshot(directory / "snapshots" / f"step-{step}")
         try:
             load_adapter_state(model, weights)  # on every process: a collective under FSDP and ZeRO-3
         except ValueError as error:

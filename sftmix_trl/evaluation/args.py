@@ -220,4 +220,4 @@ def validate_tasks(tasks: list[str]) -> None:
         raise EvalError(f"task list {tasks} names a task twice")
     from .harness import check_task_names
 
-    check_task_names(tasks)
+    check_task_names(tasks, TASKS)

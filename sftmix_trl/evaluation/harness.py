@@ -12,13 +12,15 @@ import difflib
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from accelerate import Accelerator, PartialState
 
-from .args import EvalArguments
 from .errors import EvalError
+
+if TYPE_CHECKING:  # `args` validates task names through this module: a type-only import keeps the graph acyclic
+    from .args import EvalArguments
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +76,19 @@ def is_task_file(task: str) -> bool:
     return task.endswith((".yaml", ".yml")) and Path(task).expanduser().is_file()
 
 
-def check_task_names(tasks: list[str]) -> None:
-    """Every task that is not this package's must be an lm-eval task YAML file or a task, group or tag lm-eval knows
-    (a one-line error if not)."""
-    from .args import TASKS
-
-    stock = [t for t in tasks if t not in TASKS and not is_task_file(t)]
+def check_task_names(tasks: list[str], package_tasks: tuple[str, ...]) -> None:
+    """Every task not in `package_tasks` (this package's) must be an lm-eval task YAML file or a task, group or tag
+    lm-eval knows (a one-line error if not)."""
+    stock = [t for t in tasks if t not in package_tasks and not is_task_file(t)]
     if not stock:
         return
     known = set(task_manager().all_tasks)
     for task in stock:
         if lm_eval_name(task) not in known:
-            close = difflib.get_close_matches(lm_eval_name(task), sorted(known | set(TASKS)), n=3)
+            close = difflib.get_close_matches(lm_eval_name(task), sorted(known | set(package_tasks)), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise EvalError(
-                f"unknown task {task!r}; available tasks: {', '.join(TASKS)}, any lm-eval-harness task, group or "
+                f"unknown task {task!r}; available tasks: {', '.join(package_tasks)}, any lm-eval-harness task, group or "
                 f"tag (`lm_eval ls tasks` lists them) or the path of an lm-eval task YAML file{hint}"
             )
 

@@ -11,7 +11,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from conftest import run_recipe
 from safetensors.torch import load_file
 from test_sampler import SIZES, batches_of, chunks, is_balanced, rows, shard_batches
-from test_trainer import NUM_EXAMPLES, RecordingTrainer, adapter_weights, build, make_args
+from test_sftmix_trainer import NUM_EXAMPLES, RecordingTrainer, adapter_weights, build, make_args
 from torch.utils.data import DataLoader
 from trl import SFTTrainer
 
@@ -125,7 +125,8 @@ def test_resume_on_a_prepared_shard_replays_the_tail(skip):
     expected = batches_of(full)
     sampler.set_epoch(0)  # a fresh process
     resumed = skip_first_batches(shard(), num_batches=skip)
-    sampler.set_epoch(1)  # SFTMixTrainer._run_epoch does it: accelerate's set_epoch misses it here (see test_trainer)
+    # SFTMixTrainer._run_epoch does it: accelerate's set_epoch misses it here (see test_sftmix_trainer.py)
+    sampler.set_epoch(1)
     assert batches_of(resumed) == expected[skip:]
 
 

@@ -12,7 +12,7 @@ from sftmix_trl.data import load_datasets
 
 def test_mixup_head_shape_is_logged_as_the_loss_sees_it(tiny_model, tmp_path, monkeypatch, caplog):
     """ZeRO-3 simulated: between the model's forward and the gather, the head's weight is a 0-size shard."""
-    from test_trainer import build, make_args
+    from test_sftmix_trainer import build, make_args
 
     dataset = load_datasets(ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=8))[0]
     trainer = build(tiny_model, dataset, make_args(tmp_path, max_steps=1))
