@@ -3,9 +3,11 @@ chat template, and passes its check against the merged model; bad input is refus
 written.
 
 The converter does not know the BPE pre-tokenizer of the tests' tiny tokenizer, so the tiny random Llama here uses
-SmolLM2's tokenizer (from the demo model); the converter is llama.cpp's, fetched once from the package index."""
+SmolLM2's tokenizer (from the demo model); the converter is llama.cpp's, fetched once from the package index. The
+tests that run a whole export (merge, convert, read back, score twice) are marked slow: about a minute each."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,17 +57,21 @@ def exporting(adapter, out, **kwargs) -> ExportArguments:
     return ExportArguments(adapter_path=str(adapter), output_dir=str(out), **{**defaults, **kwargs})
 
 
-def test_q8_0_export_loads_back_with_the_run_template_and_passes_its_check(
-    llama_cpp, smol_tiny, smol_adapter, tmp_path
-):
+@pytest.fixture(scope="module")
+def q8_export(llama_cpp, smol_adapter, tmp_path_factory) -> Path:
+    return export(exporting(smol_adapter, tmp_path_factory.mktemp("q8") / "gguf", gguf="q8_0", keep_merged=True))
+
+
+@pytest.mark.slow
+def test_q8_0_export_loads_back_with_the_run_template_and_passes_its_check(smol_tiny, q8_export):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = export(exporting(smol_adapter, tmp_path / "gguf", gguf="q8_0", keep_merged=True))
+    out = q8_export
     gguf_file = out / "gguf-q8_0.gguf"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["gguf-q8_0.gguf", "README.md", "export_check.json", "Modelfile", "merged"]
     )
-    assert not list(tmp_path.glob(".gguf.partial-*"))
+    assert not list(out.parent.glob(".gguf.partial-*"))
     template = AutoTokenizer.from_pretrained(smol_tiny).chat_template
     assert gguf_metadata(gguf_file, "tokenizer.chat_template") == template
 
@@ -86,6 +92,7 @@ def test_q8_0_export_loads_back_with_the_run_template_and_passes_its_check(
     assert (out / "Modelfile").read_text() == 'FROM ./gguf-q8_0.gguf\nPARAMETER stop "<|im_end|>"\n'
 
 
+@pytest.mark.slow
 def test_f16_export_matches_the_merged_model_exactly_enough_and_drops_the_merged_folder(
     llama_cpp, smol_adapter, tmp_path
 ):
@@ -96,6 +103,7 @@ def test_f16_export_matches_the_merged_model_exactly_enough_and_drops_the_merged
     assert check["greedy_identical"] == check["greedy_prompts"] == 2
 
 
+@pytest.mark.slow
 def test_a_check_that_fails_keeps_the_files_and_stops_in_one_line(llama_cpp, smol_adapter, tmp_path):
     args = exporting(smol_adapter, tmp_path / "strict", gguf="q8_0", max_perplexity_increase=-0.5)
     with pytest.raises(ExportError, match="did not pass its check"):
@@ -193,3 +201,47 @@ def test_stop_strings_are_the_end_of_turn_tokens_of_the_template(smol_tiny):
     from transformers import AutoTokenizer
 
     assert stop_strings(AutoTokenizer.from_pretrained(smol_tiny)) == ["<|im_end|>"]
+
+
+def serving_snippets() -> list[str]:
+    text = (ROOT / "docs" / "serving.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_transformers_snippets_of_the_serving_docs_run(q8_export, smol_tiny, smol_adapter, tmp_path, capsys):
+    """docs/serving.md: the GGUF through transformers, and the adapter through PEFT, as written there."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    gguf_snippet, peft_snippet = serving_snippets()
+    exec(gguf_snippet.replace("outputs/demo/gguf", str(q8_export)), {})
+    adapter = shutil.copytree(smol_adapter, tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(smol_tiny).save_pretrained(adapter)
+    exec(peft_snippet.replace("outputs/demo/sft_qlora", str(adapter)), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) >= 2  # each snippet printed its reply
+
+
+@pytest.mark.slow
+def test_the_demo_run_exports_loads_back_and_passes_its_check_on_its_held_out_split(llama_cpp, demo_model, tmp_path):
+    """The demo NTP config on SmolLM2-135M-Instruct (a few steps), then `export` as a user runs it: the check scores
+    the run's own held-out split (read from its sftmix_run.json)."""
+    from conftest import run_recipe
+    from test_recipes import ok
+
+    adapter, out = tmp_path / "sft", tmp_path / "gguf"
+    ok(
+        run_recipe(
+            "sft.py", "--config", "configs/demo/sft_qlora.yaml", "--model_name_or_path", str(demo_model),
+            "--output_dir", str(adapter), "--max_train_examples", "8", "--max_steps", "2", "--eval_strategy", "no",
+        )
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "sftmix_trl.cli", "export", "--adapter_path", str(adapter), "--output_dir", str(out),
+           "--gguf", "q8_0", "--eval_limit", "8", "--check_prompts", "2", "--max_new_tokens", "16"]  # fmt: skip
+    result = ok(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900))
+    assert ": passed" in result.stdout
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["passed"] and check["examples"] == 8 and check["template_renders_same"]
+    assert "the run's held-out split" in (out / "README.md").read_text()
