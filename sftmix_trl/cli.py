@@ -1,6 +1,6 @@
 """`sftmix-trl`: the recipes for an installed package, without a clone of the repository.
 
-    sftmix-trl sft|confidence|sftmix|report|evaluate|merge|generate --config my.yaml [--key value ...]
+    sftmix-trl sft|confidence|sftmix|report|evaluate|merge|export|generate --config my.yaml [--key value ...]
     accelerate launch -m sftmix_trl.cli sftmix --config my.yaml [--key value ...]
 
 Each command runs the same main as `recipes/<command>.py` in a clone.
@@ -18,6 +18,7 @@ RECIPES = {
     "report": "the data report of an existing stage-1 table: suspicious examples with their text, data map",
     "evaluate": "evaluate a base model or base + adapter through lm-eval-harness (any task) and perplexity",
     "merge": "merge a LoRA adapter into its unquantised base: a standalone model folder",
+    "export": "merge, convert to GGUF with llama.cpp's converter, and check it against the merged model",
     "generate": "replies of a base model or base + adapter to a few prompts, through the chat template",
 }
 USAGE = (
