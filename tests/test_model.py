@@ -267,6 +267,6 @@ def test_a_checkpoint_saved_quantised_is_not_quantised_again_under_fsdp(model_ar
 
 
 def test_a_gpu_config_with_flex_attention_loads_with_sdpa_on_a_cpu(model_args):
-    """flex_attention has no backward on a CPU: the GPU configs' choice trains there with sdpa (examples apart too)."""
+    """flex_attention has no backward on a CPU: a config opting into it trains there with sdpa (examples apart too)."""
     model = load_model(model_args(load_in_4bit=False, attn_implementation="flex_attention"))
     assert model.config._attn_implementation == ("flex_attention" if torch.cuda.is_available() else "sdpa")
