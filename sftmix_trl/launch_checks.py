@@ -88,7 +88,7 @@ def check_fsdp_quantization(model_args, training_args) -> None:
 def _meta_model(model_args, trust_remote_code: bool):
     """The model, with its adapter when LoRA is on, built on the meta device: module names and config only, no
     weights, about a second for an 8B."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
     from .model import ModelLoadError, _check_model_path, lora_config
 
@@ -101,7 +101,11 @@ def _meta_model(model_args, trust_remote_code: bool):
         raise ModelLoadError(f"could not read the config of {model_args.model_name_or_path}: {error}") from None
     peft_config = lora_config(model_args)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            # The class itself: `from_config` would partition the model with `deepspeed.zero.Init` under ZeRO-3
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+        else:  # a model of remote code
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         if peft_config is None:
             return model
         from peft import get_peft_model

@@ -40,6 +40,17 @@ def test_all_linear_leaves_the_lm_head_alone(tiny_model, tmp_path):
     check_before_writing(parse_args(SFTMIX_TYPES, argv))
 
 
+def test_the_head_check_builds_no_deepspeed_model_under_zero3(tiny_model, tmp_path, monkeypatch):
+    """Under ZeRO-3 transformers' `from_config` partitions a model with `deepspeed.zero.Init`; the check's meta model
+    must not (here deepspeed is absent: `from_config` would fail to import it)."""
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "is_deepspeed_zero3_enabled", lambda: True)
+    argv = demo_argv("sftmix", tiny_model, tmp_path / "out", "--lora_target_modules", "q_proj", "lm_head")
+    with pytest.raises(SFTMixError, match="the LM head cannot carry a LoRA adapter"):
+        check_before_writing(parse_args(SFTMIX_TYPES, argv))
+
+
 @pytest.mark.parametrize("field, value", [("output_multiplier", 2.0), ("final_logit_softcapping", 30.0)])
 def test_a_model_scaling_its_logits_is_refused_before_stage_1(tiny_model, tmp_path, monkeypatch, field, value):
     scaled = tmp_path / "scaled"
