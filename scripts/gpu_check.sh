@@ -7,7 +7,8 @@
 #                                                 TRL NTP padding-free vs SFTMix padding-free on Alpaca lengths
 # Parts: (1) both stages on 1 GPU; (2) both stages under fsdp_qlora.yaml and deepspeed_zero3.yaml with 1 process;
 # (3) padding-free stage 2 with each attention path (sdpa, flex_attention, and flash_attention_2 /
-# kernels-community/flash-attn2 where their packages are importable); (4) attention cost; (5) 8B throughput; and with
+# kernels-community/flash-attn2 where their packages are importable); (3b) attention parity: the same padding-free
+# rows through each of them, loss and time against sdpa; (4) attention cost; (5) 8B throughput; and with
 # 2+ GPUs, stage 1 on 2 GPUs under DDP / FSDP / ZeRO-3 against 1 GPU.
 #
 # On a machine set up with `make install`:   bash scripts/gpu_check.sh
@@ -166,6 +167,19 @@ for name in names:
     print(f"| {name} | {losses} |")
 print()
 PYEOF
+
+# (3b) attention parity: the same padding-free rows (TRL's collator, a new row length every step) through each
+# attention of (3), 4-bit base + LoRA, forward + backward: loss and gradient norm against sdpa, and time. A shipped
+# config moves off sdpa only for an attention this table shows equal and faster (docs/gpu.md)
+mkdir -p "$OUT/parity"
+for attention in "${ATTENTIONS[@]}"; do
+  part "attention_parity_${attention//\//_}" 150 $PY benchmarks/attention_parity.py --attention "$attention" \
+      --model "$MODEL" --device cuda --steps 12 --min_tokens 1024 --max_tokens 8192 \
+      --json "$OUT/parity/${attention//\//_}.json"
+done
+PARITY=()
+for attention in "${ATTENTIONS[@]}"; do PARITY+=("$OUT/parity/${attention//\//_}.json"); done
+timeout 60 $PY benchmarks/attention_parity.py --summarise "${PARITY[@]}" >> "$REPORT" || FAILED=1
 
 # (4) one padding-free row: dense mask vs block mask (vs flash varlen) on the GPU
 part attention_cost 150 $PY benchmarks/attention_cost.py --device cuda --lengths 2048,4096,8192,16384,32768

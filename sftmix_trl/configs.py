@@ -18,12 +18,30 @@ import yaml
 from trl import ModelConfig, TrlParser
 
 
+def load_yaml(path: str | Path) -> Any:
+    """The YAML file at `path`; a syntax error is one `SFTMixError` line with the file, line and column (PyYAML's own
+    message is a multi-line traceback)."""
+    from .errors import SFTMixError
+
+    with open(path) as handle:
+        try:
+            return yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+            if context and start:
+                problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
+            raise SFTMixError(f"YAML syntax error in {where}: {problem}") from None
+
+
 def _read_mixture(text: str) -> dict[str, Any] | None:
     """`dataset_mixture` given as a string: the path of a YAML/JSON file holding the mapping, or the mapping as JSON
     (`null` drops a mixture set in the config file)."""
     path = Path(text).expanduser()
     if path.is_file():
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -255,10 +273,11 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
     if "--config" in args:
         path = args[args.index("--config") + 1]
         try:
-            with open(path) as handle:
-                config = yaml.safe_load(handle)
+            config = load_yaml(path)
         except FileNotFoundError:
             raise SystemExit(f"error: config file not found: {path}") from None
+        except ValueError as error:  # a syntax error, in one line
+            raise SystemExit(f"error: {error}") from None
         if not isinstance(config, dict):
             raise SystemExit(f"error: {path} must hold a YAML mapping of keys to values")
         unknown += [f"{key}{_suggest(key, known)} in {path}" for key in config if key not in known and key != "env"]

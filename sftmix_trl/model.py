@@ -16,6 +16,7 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -226,14 +227,24 @@ def quantize_on(device: torch.device | str | None) -> Iterator[list[int]]:
     Under FSDP the base is loaded into CPU memory (`quantized_device_map`), and bitsandbytes quantises on a CPU at
     about 10 M parameters/s per 2 cores (docs/gpu.md): tens of minutes for a 70B base. One weight at a time on the
     GPU, then back to the CPU, is what transformers 4.x did for FSDP; 5.24 has no such branch, so it is put back here
-    around its one quantising operation (`integrations.bitsandbytes.Bnb4bitQuantize.convert`).
+    around its one quantising operation (`integrations.bitsandbytes.Bnb4bitQuantize.convert`, a private API that
+    `tests/test_private_apis.py` pins). A load that sent no weight through it stops with a `ModelLoadError`: a
+    transformers that quantises another way would otherwise quantise the whole base on the CPU, silently.
     """
     quantised: list[int] = []
     if device is None:
         yield quantised
         return
+    import transformers
     from transformers.integrations import bitsandbytes as hf_bnb
 
+    unsupported = (
+        f"transformers {transformers.__version__} does not quantise 4-bit weights through "
+        "`Bnb4bitQuantize.convert`, so the base would be quantised on the CPU (tens of minutes for a 70B); install "
+        "a transformers version within sftmix-trl's pins"
+    )
+    if not hasattr(getattr(hf_bnb, "Bnb4bitQuantize", None), "convert"):
+        raise ModelLoadError(unsupported)
     original = hf_bnb.Bnb4bitQuantize.convert
 
     def convert(self, input_dict, *args, **kwargs):
@@ -249,6 +260,15 @@ def quantize_on(device: torch.device | str | None) -> Iterator[list[int]]:
         yield quantised
     finally:
         hf_bnb.Bnb4bitQuantize.convert = original
+    if not sum(quantised):  # the block ended normally and quantised nothing on `device`
+        raise ModelLoadError(f"no weight was quantised on {device}: {unsupported}")
+
+
+def _prequantized(model_args: ModelArguments, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint holds weights saved already quantised (its config records how)."""
+    path = _check_model_path(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code)
+    return getattr(config, "quantization_config", None) is not None
 
 
 def load_model(model_args: ModelArguments, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -263,8 +283,10 @@ def load_model(model_args: ModelArguments, trust_remote_code: bool = False) -> P
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = quantized_device_map()
-    # Under FSDP a 4-bit base lands in CPU memory; quantising there is slow, so the GPU does it weight by weight
+    # Under FSDP a 4-bit base lands in CPU memory; quantising there is slow, so the GPU does it weight by weight (a
+    # checkpoint saved already quantised is only unpacked)
     on_gpu = model_args.load_in_4bit and fsdp_launch() and torch.cuda.is_available()
+    on_gpu = on_gpu and not _prequantized(model_args, trust_remote_code)
     try:
         with quantize_on(torch.device("cuda", torch.cuda.current_device()) if on_gpu else None):
             model = AutoModelForCausalLM.from_pretrained(

@@ -56,14 +56,15 @@ def check_attention(attn_implementation: str | None) -> None:
         return
     raise PaddingFreeError(
         f"padding_free needs an attention that keeps packed examples apart; attn_implementation="
-        f"{attn_implementation!r} does not: set `attn_implementation: flex_attention` (or sdpa, or a flash "
+        f"{attn_implementation!r} does not: set `attn_implementation: sdpa` (or flex_attention, or a flash "
         "attention on a GPU), or `padding_free: false`"
     )
 
 
 def trainable_attention(attn_implementation: str | None) -> str | None:
     """The attention to train with here: `flex_attention` has no backward on a CPU (torch raises at the first step),
-    so a GPU config run on a CPU trains with sdpa, which keeps padding-free examples apart too (with a dense mask)."""
+    so a config that opts into it trains with sdpa on a CPU, which keeps padding-free examples apart too (with a
+    dense mask)."""
     if attn_implementation == "flex_attention" and not (torch.cuda.is_available() or torch.xpu.is_available()):
         logger.warning("flex_attention has no backward on a CPU: sdpa is used instead (same results, dense mask)")
         return "sdpa"

@@ -47,10 +47,10 @@ def resolve_resume(training_args) -> str | None:
     if str(value).lower() in ("true", "last"):
         last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
         if last is None:
-            raise SystemExit(f"error: resume_from_checkpoint is set but {training_args.output_dir} has no checkpoint")
+            raise SFTMixError(f"resume_from_checkpoint is set but {training_args.output_dir} has no checkpoint")
         return last
     if not os.path.isdir(value):
-        raise SystemExit(f"error: checkpoint folder not found: {value}")
+        raise SFTMixError(f"checkpoint folder not found: {value}")
     return value
 
 
@@ -72,8 +72,8 @@ def check_output_dir(
     record = out / RUN_FILE
     if record.is_file() and json.loads(record.read_text()).get("config") == run_config:
         return
-    raise SystemExit(
-        f"error: output_dir {out} is not empty and holds another run. Choose a new output_dir, resume with "
+    raise SFTMixError(
+        f"output_dir {out} is not empty and holds another run. Choose a new output_dir, resume with "
         "`resume_from_checkpoint: true`, or pass `--overwrite_output_dir true` to write over it."
     )
 
@@ -105,18 +105,12 @@ def run_config(*dataclasses_) -> dict:
 
 def launch(main, dataclass_types: tuple[type, ...]) -> None:
     """Parse the recipe's arguments and run it; a problem the user can fix ends in one line, not a traceback."""
-    from .configs import ModelArguments, parse_args
-    from .model import quantization_config
-    from .padding_free import check_attention
+    from .configs import parse_args
+    from .launch_checks import check_before_writing
 
-    parsed = parse_args(dataclass_types)
-    padding_free = any(getattr(args, "padding_free", False) for args in parsed)
     try:
-        for args in parsed:  # settings that would only fail at model loading or training fail before any write
-            if isinstance(args, ModelArguments):
-                quantization_config(args)
-                if padding_free:
-                    check_attention(args.attn_implementation)
+        parsed = parse_args(dataclass_types)
+        check_before_writing(parsed)  # settings that would only fail at model loading or training fail here
         main(*parsed)
     except SFTMixError as error:
         raise SystemExit(f"error: {error}") from None

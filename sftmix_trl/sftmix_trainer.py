@@ -35,6 +35,7 @@ from transformers.trainer_utils import seed_worker
 
 from .confidence import ConfidenceError, ConfidenceTable
 from .data import EXAMPLE_ID, has_multi_turn
+from .launch_checks import LaunchError, mixup_head_problem
 from .mixup import IGNORE_INDEX, count_mixed_positions, mixup_loss, mixup_loss_at
 from .ntp_trainer import NTPTrainer
 from .padding_free import mixed_flat_positions, sequence_lengths, unflatten
@@ -199,7 +200,9 @@ class SFTMixTrainer(NTPTrainer):
         if self.args.tokens_per_micro_batch is None:
             return super().get_train_dataloader()
         if self.accelerator.split_batches:
-            raise ValueError("`tokens_per_micro_batch` hands whole micro-batches to processes: turn off split_batches")
+            raise LaunchError(
+                "`tokens_per_micro_batch` hands whole micro-batches to processes: turn off split_batches"
+            )
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         loader = DataLoader(
             dataset,
@@ -248,29 +251,15 @@ class SFTMixTrainer(NTPTrainer):
         return unwrapped, unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
     def _check_lm_head(self) -> None:
-        _, causal_lm = self._causal_lm(self.model)
-        head = causal_lm.get_output_embeddings()
-        if hasattr(head, "base_layer"):
-            raise ValueError(
-                "SFTMix needs a frozen or fully trained LM head, not a LoRA-adapted one: drop `lm_head` "
-                "from lora_target_modules"
-            )
-        config = causal_lm.config.get_text_config()
-        # Every scaling TRL's fused head applies (trl.trainer.utils.add_fused_lm_head)
-        for name in (
-            "final_logit_softcapping",
-            "logit_scale",
-            "output_multiplier",
-            "logits_scaling",
-            "lm_head_multiplier",
-        ):
-            if getattr(config, name, None) not in (None, 1, 1.0):
-                raise ValueError(f"{type(causal_lm).__name__} scales its logits ({name}); the Mixup loss does not")
+        # The recipes refuse these at launch (`launch_checks`); a trainer built in Python is checked here
+        problem = mixup_head_problem(self._causal_lm(self.model)[1])
+        if problem:
+            raise LaunchError(problem)
 
     def _check_parallelism(self) -> None:
         problem = unsupported_parallelism(self.get_tp_size(), self.get_cp_size(), self.get_sp_size(), self.args.n_gpu)
         if problem:
-            raise ValueError(problem)
+            raise LaunchError(problem)
 
     @contextmanager
     def _capture_forward(self, model):

@@ -1,5 +1,6 @@
 """Model and tokenizer loading on the CPU: 4-bit (QLoRA) and 16/32-bit bases, padding, errors, the repack guard."""
 
+import contextlib
 import re
 
 import bitsandbytes
@@ -175,11 +176,21 @@ def test_fsdp_4bit_base_loads_into_cpu_memory_and_quantises_weight_by_weight(mod
 
     import sftmix_trl.model as model_module
 
+    class Weight:  # a weight as the hook sees it: moved to the GPU, quantised (here: kept), moved back
+        device = torch.device("cpu")
+
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr(hf_bnb.Bnb4bitQuantize, "convert", lambda self, input_dict, *args, **kwargs: dict(input_dict))
     original_convert = hf_bnb.Bnb4bitQuantize.convert
     seen = []
 
     def fake_from_pretrained(path, **kwargs):
-        seen.append((kwargs.get("device_map"), hf_bnb.Bnb4bitQuantize.convert is not original_convert))
+        hooked = hf_bnb.Bnb4bitQuantize.convert is not original_convert
+        seen.append((kwargs.get("device_map"), hooked))
+        if hooked:
+            hf_bnb.Bnb4bitQuantize.convert(None, {"layer.weight": Weight()})
         return torch.nn.Linear(1, 1)
 
     monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
@@ -215,7 +226,47 @@ def test_quantising_elsewhere_gives_the_same_base(model_args, batch, monkeypatch
         assert plain(**batch).loss.item() == hooked(**batch).loss.item()
 
 
+def test_quantising_elsewhere_stops_when_no_weight_went_through_the_hook(model_args):
+    """A transformers that loads 4-bit weights without `Bnb4bitQuantize.convert` would quantise a whole base on the
+    CPU under FSDP, unnoticed: the hook stops the run instead (here: a load that quantises nothing)."""
+    from sftmix_trl.model import quantize_on
+
+    with pytest.raises(ModelLoadError, match=r"^no weight was quantised on cpu: transformers .* does not quantise"):
+        with quantize_on(torch.device("cpu")):
+            load_model(model_args(load_in_4bit=False))
+
+
+def test_quantising_elsewhere_stops_when_transformers_has_no_quantising_operation(model_args, monkeypatch):
+    from transformers.integrations import bitsandbytes as hf_bnb
+
+    from sftmix_trl.model import quantize_on
+
+    monkeypatch.delattr(hf_bnb, "Bnb4bitQuantize")
+    with pytest.raises(ModelLoadError, match=r"does not quantise 4-bit weights through `Bnb4bitQuantize.convert`"):
+        with quantize_on(torch.device("cpu")):
+            pass
+
+
+def test_a_checkpoint_saved_quantised_is_not_quantised_again_under_fsdp(model_args, tmp_path, monkeypatch):
+    """Its 4-bit weights are only unpacked (no weight goes through the quantising hook): no hook, no stop."""
+    import sftmix_trl.model as model_module
+
+    saved = tmp_path / "saved-4bit"
+    load_model(model_args(load_in_4bit=True)).save_pretrained(saved)
+    load_tokenizer(model_args()).save_pretrained(saved)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_module, "check_4bit_available", lambda: None)
+    monkeypatch.setattr(model_module, "compute_dtype", lambda: torch.float32)
+    monkeypatch.setattr(model_module, "quantized_device_map", lambda: {"": "cpu"})
+    used = []
+    monkeypatch.setattr(model_module, "quantize_on", lambda device: used.append(device) or contextlib.nullcontext())
+    prequantized = ModelArguments(model_name_or_path=str(saved), bnb_4bit_quant_storage="float32")
+    assert len(linear4bit_layers(load_model(prequantized))) == LINEARS_PER_LAYER * TINY_LAYERS
+    assert used == [None]
+
+
 def test_a_gpu_config_with_flex_attention_loads_with_sdpa_on_a_cpu(model_args):
-    """flex_attention has no backward on a CPU: the GPU configs' choice trains there with sdpa (examples apart too)."""
+    """flex_attention has no backward on a CPU: a config opting into it trains there with sdpa (examples apart too)."""
     model = load_model(model_args(load_in_4bit=False, attn_implementation="flex_attention"))
     assert model.config._attn_implementation == ("flex_attention" if torch.cuda.is_available() else "sdpa")

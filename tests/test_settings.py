@@ -105,3 +105,16 @@ def test_shipped_configs_use_the_current_checkpointing_name():
 
     for path in (ROOT / "configs").rglob("*.yaml"):
         assert "gradient_checkpointing" not in path.read_text(), path
+
+
+def test_gpu_configs_ship_the_attention_measured_on_a_gpu():
+    """sdpa until the GPU check (scripts/gpu_check.sh, attention parity) measures another equal and faster: compiled
+    flex attention has public reports of per-length recompiles with a silent unfused fallback, backward failures on
+    consumer cards and miscomputed sequence boundaries."""
+    import yaml
+    from conftest import ROOT
+
+    configs = sorted((ROOT / "configs").glob("*/*/*_qlora.yaml"))
+    assert len(configs) == 12
+    for path in configs:
+        assert yaml.safe_load(path.read_text())["attn_implementation"] == "sdpa", path
