@@ -239,8 +239,12 @@ def save_adapter(model: torch.nn.Module, directory: str | os.PathLike, is_main_p
     tensors = {checkpoint_key(name, adapter): value.contiguous() for name, value in state.items()}
     config = copy.deepcopy(inner.peft_config[adapter])
     config.inference_mode = True  # as `save_pretrained` records it: loading gives a frozen adapter unless asked
+    base_class = type(inner.get_base_model())
+    auto_mapping = None  # as `save_pretrained` writes it: with no task type, the base's class to load it into
+    if config.task_type is None:
+        auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
     os.makedirs(directory, exist_ok=True)
-    config.save_pretrained(directory)
+    config.save_pretrained(directory, auto_mapping_dict=auto_mapping)
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     return len(tensors)
 
