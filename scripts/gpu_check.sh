@@ -132,16 +132,38 @@ part single_gpu_both_stages 150 "${LAUNCH[@]}" --config_file accelerate_configs/
     --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/single
 part single_gpu_table 30 check_table $OUT/single/confidence
 
-# (2) both stages under FSDP-QLoRA and ZeRO-3, 1 process each
+# (2) both stages under FSDP-QLoRA and ZeRO-3, 1 process each; the final adapter is checked against (1)'s: the same
+# tensor names and shapes, none empty (an engine that saved nothing, or empty shards, fails here)
+check_adapter() {  # check_adapter FOUND_RUN_DIR REFERENCE_RUN_DIR
+  timeout "${TIMEOUT:-60}" $PY - "$1" "$2" <<'PYEOF'
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+def shapes(run):
+    path = Path(run) / "adapter_model.safetensors"
+    assert path.is_file(), f"no adapter saved in {run}"
+    with safe_open(str(path), "pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+found, reference = shapes(sys.argv[1]), shapes(sys.argv[2])
+assert found and all(0 not in shape for shape in found.values()), f"empty adapter tensors in {sys.argv[1]}"
+assert found == reference, f"adapter differs from {sys.argv[2]}: {sorted(set(found) ^ set(reference))[:3]}"
+print(f"{sys.argv[1]}: adapter of {len(found)} tensors, as on 1 GPU")
+PYEOF
+}
 part fsdp_qlora_both_stages 180 "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 1 \
     recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/fsdp_1gpu \
     --bnb_4bit_quant_storage bfloat16
 part fsdp_qlora_table 30 check_table $OUT/fsdp_1gpu/confidence
+part fsdp_qlora_adapter 30 check_adapter $OUT/fsdp_1gpu $OUT/single
 if [ "$HAVE_DEEPSPEED" = 1 ]; then
   part zero3_both_stages 180 "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 1 \
       recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/zero3_1gpu \
       --load_in_4bit false
   part zero3_table 30 check_table $OUT/zero3_1gpu/confidence
+  part zero3_adapter 30 check_adapter $OUT/zero3_1gpu $OUT/single
 else
   echo "| zero3_both_stages | skipped: deepspeed not importable | | |" >> "$REPORT"
 fi

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
@@ -116,6 +117,18 @@ def launch(main, dataclass_types: tuple[type, ...]) -> None:
         raise SystemExit(f"error: {error}") from None
 
 
+# What a training recipe promises in its output_dir: the adapter (PEFT's format), the tokenizer, the model card
+TRAINED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "README.md")
+
+
+def check_promised(directory: str | os.PathLike, files: Iterable[str | os.PathLike], recipe: str) -> None:
+    """Stop with one line naming what is missing if a file the recipe promises (relative to `directory`, or absolute)
+    is not there: called before the recipe reports success or publishes anything."""
+    missing = [str(file) for file in files if not (Path(directory) / file).is_file()]
+    if missing:
+        raise SFTMixError(f"{recipe} finished but wrote no {', '.join(missing)} in {directory}; nothing was published")
+
+
 def save_tokenizer(tokenizer, output_dir: str) -> None:
     """Save `tokenizer` with the chat template the user gave it: the marked copy that training every assistant turn
     swapped in renders the same text, but the user's template is the one to publish and to generate with."""
@@ -138,12 +151,15 @@ def train_save_publish(
     method: str = "NTP",
     card_sections=lambda log_history: [],
     drops=None,
+    promised: Iterable[str | os.PathLike] = (),
 ) -> None:
-    """Train (or resume), then save the adapter, tokenizer, trainer state and model card, then publish if asked.
+    """Train (or resume), then save the adapter, tokenizer, trainer state and model card, check they are there (and
+    `promised`, more files the recipe promises), then publish if asked.
 
     `push` is the user's `push_to_hub`: the trainer runs with it off, so that an offline machine fails only here,
     after everything is saved locally. The saved tokenizer carries the user's own chat template, not the marked
-    training copy. `drops` (a `DropLog`): the records dropped, for the model card.
+    training copy. `drops` (a `DropLog`): the records dropped, for the model card. The adapter is saved whatever
+    engine shards it (`NTPTrainer.save_model`).
     """
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
@@ -162,6 +178,7 @@ def train_save_publish(
             sections=card_sections(trainer.state.log_history) + ([data_card_section(drops)] if drops else []),
             hub_model_id=training_args.hub_model_id,
         )
+        check_promised(training_args.output_dir, (*TRAINED_FILES, *promised), recipe)
         logger.info("adapter saved to %s", training_args.output_dir)
         if push:
             table = ["confidence/confidence.parquet"] if getattr(training_args, "push_confidence_table", False) else []

@@ -1,11 +1,27 @@
 """The LoRA adapter's weights, read whole and written back, whatever engine holds the model.
 
-Stage 1 saves the reference adapter at its snapshots and loads each snapshot back for scoring. A sharding engine
-keeps only a slice of each parameter on a process (FSDP1 flattens them into `FlatParameter`s, FSDP2 turns them into
-`DTensor`s, DeepSpeed ZeRO-3 leaves 0-size placeholders), so `save_pretrained` on the inner model writes empty
-tensors, and `set_peft_model_state_dict` cannot load into a placeholder. The functions here gather the adapter's
-parameters first, on every process (they are collectives: every process must call them, in the same order), and are
-plain copies for a model on one process or under DDP.
+Stage 1 saves the reference adapter at its snapshots and loads each snapshot back for scoring; every recipe that
+trains saves its final adapter. A sharding engine keeps only a slice of each parameter on a process (FSDP1 flattens
+them into `FlatParameter`s, FSDP2 turns them into `DTensor`s, DeepSpeed ZeRO-3 leaves 0-size placeholders), so
+`save_pretrained` on the inner model writes empty tensors, transformers' `Trainer.save_model` under FSDP writes
+nothing unless the state-dict type is FULL_STATE_DICT (and then gathers the whole base too), and
+`set_peft_model_state_dict` cannot load into a placeholder. The functions here gather only the adapter's parameters
+(never a base weight), on every process (they are collectives: every process must call them, in the same order), and
+are plain copies for a model on one process or under DDP.
+
+How each engine is read, and why:
+- FSDP2: `torch.distributed.checkpoint.state_dict` (`get_model_state_dict` with `full_state_dict`, `cpu_offload`
+  and `ignore_frozen_params`: only the trainable parameters are gathered, to rank 0's CPU; `set_model_state_dict`
+  distributes the full values into each process's shards, no gather).
+- FSDP1: each unit's flat parameter lists the parameters it holds, and only the units that hold adapter weights are
+  unsharded, one level deep (FSDP internals: `_lazy_init`, `unit._handle`, `flat_param._fqns`). torch's API is not
+  used there: under FSDP1, `get_model_state_dict` calls the root's `state_dict()` under FULL_STATE_DICT, which
+  unshards every unit, the whole base included, before `ignore_frozen_params` drops the base (measured on
+  `tests/test_fsdp_stage1.py`'s 4-bit tiny Llama on 2 processes: all 31 units, 234,752 bytes, for an adapter of
+  32,768; on a large base, the whole base on every process), and `set_model_state_dict` loads through every unit the
+  same way. Its `cpu_offload` (accelerate's choice) also fails on CPU-resident FSDP1 units.
+- DeepSpeed ZeRO-3: `deepspeed.zero.GatheredParameters` on the adapter's parameters (torch's checkpoint API does not
+  know DeepSpeed's partitioning).
 
 `model` is the outermost model a trainer trains (`trainer.model_wrapped`): a DDP, FSDP1 or DeepSpeed wrapper, an
 FSDP2 module, or the bare `PeftModel`.
@@ -13,13 +29,14 @@ FSDP2 module, or the bare `PeftModel`.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -39,23 +56,38 @@ def _peft_model(model: torch.nn.Module):
     return inner
 
 
+def _is_adapter_name(inner) -> Callable[[str], bool]:
+    """Whether a parameter name (as the bare `PeftModel` spells it) belongs to the active adapter: PEFT's own map
+    from model keys to file keys drops the adapter's name, which only adapter weights carry."""
+    checkpoint_key, adapter = type(inner.base_model)._remove_adapter_name_from_key, inner.active_adapter
+    return lambda name: checkpoint_key(name, adapter) != name
+
+
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.distributed.fsdp.FullyShardedDataParallel) for m in model.modules())
+
+
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in model.modules())
+
+
+def _adapter_names(inner) -> list[str]:
+    """The active adapter's parameter names, in one order on every process."""
+    is_adapter = _is_adapter_name(inner)
+    return sorted(n for n in (_clean(n) for n, _ in inner.named_parameters()) if is_adapter(n))
+
+
 @contextmanager
 def _adapter_parameters(model: torch.nn.Module, modify: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """{name: parameter} of the active adapter, full-size inside the block (FSDP2's stay `DTensor`s); with `modify`,
-    what is written into them reaches every process's shard on exit. A collective."""
+    """{name: parameter} of the active adapter, full-size inside the block, for FSDP1, ZeRO-3 and unsharded models;
+    with `modify`, what is written into them reaches every process's shard on exit. A collective."""
     inner = _peft_model(model)
-    adapter = inner.active_adapter
-    checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key  # PEFT's own model key -> file key map
-
-    def adapter_named_parameters() -> dict[str, torch.Tensor]:
-        named = ((_clean(n), p) for n, p in inner.named_parameters())
-        return {n: p for n, p in named if checkpoint_key(n, adapter) != n}  # adapter weights carry its name
-
-    if any(isinstance(m, torch.distributed.fsdp.FullyShardedDataParallel) for m in model.modules()):
-        with _fsdp1_adapter_units(model, lambda name: checkpoint_key(name, adapter) != name, modify) as params:
+    if _is_fsdp1(model):
+        with _fsdp1_adapter_units(model, _is_adapter_name(inner), modify) as params:
             yield params
         return
-    params = adapter_named_parameters()
+    names = set(_adapter_names(inner))
+    params = {n: p for n, p in ((_clean(n), p) for n, p in inner.named_parameters()) if n in names}
     if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3: gathered, then partitioned again
         import deepspeed
 
@@ -73,12 +105,13 @@ def _fsdp1_adapter_units(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """{name: full parameter} of the adapter under FSDP1, unsharding only the FSDP units that own adapter weights.
 
-    `summon_full_params(model)` unshards every unit, the whole base included; here each unit's flat parameter says
-    which original parameters it holds (`_fqns`), and only units holding an adapter weight are summoned, one level
-    deep (`recurse=False`). PEFT's FSDP wrap policy (`peft.utils.other.fsdp_auto_wrap_policy`, which transformers and
-    accelerate use for a PEFT model) gives every LoRA matrix its own unit, so no base weight is unsharded; under a
-    policy that puts LoRA and base weights in one unit, that unit's base weights are unsharded too (the adapter cannot
-    be read otherwise). On a GPU, read-only blocks keep the gathered copies on the CPU. A collective, same order everywhere."""
+    `summon_full_params(model)` (and torch's `get_model_state_dict`) unshards every unit, the whole base included;
+    here each unit's flat parameter says which original parameters it holds (`_fqns`), and only units holding an
+    adapter weight are summoned, one level deep (`recurse=False`). PEFT's FSDP wrap policy
+    (`peft.utils.other.fsdp_auto_wrap_policy`, which transformers and accelerate use for a PEFT model) gives every
+    LoRA matrix its own unit, so no base weight is unsharded; under a policy that puts LoRA and base weights in one
+    unit, that unit's base weights are unsharded too (the adapter cannot be read otherwise). On a GPU, read-only
+    blocks keep the gathered copies on the CPU. A collective, same order everywhere."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp._runtime_utils import _lazy_init
 
@@ -110,63 +143,110 @@ def _fsdp1_adapter_units(
         }
 
 
-def gather_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the active adapter's parameters, keyed like `PeftModel.state_dict()`, on every process."""
+def _fsdp2_adapter_state(model: torch.nn.Module, inner, main_only: bool) -> dict[str, torch.Tensor]:
+    """The adapter's full values under FSDP2 through torch's checkpoint API: only trainable parameters are gathered
+    (the frozen base never is), on rank 0's CPU with `main_only`, else on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = _adapter_names(inner)
+    wanted = set(names)
+    frozen = [n for n, p in inner.named_parameters() if _clean(n) in wanted and not p.requires_grad]
+    if frozen:  # `ignore_frozen_params` would leave them out
+        raise ValueError(f"the adapter has frozen parameters ({frozen[:3]}): cannot gather it without the base")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=main_only, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    if main_only and torch.distributed.get_rank() != 0:
+        return {}
+    return {name: state[name] for name in names}
+
+
+def gather_adapter_state(model: torch.nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the active adapter's parameters, keyed like `PeftModel.state_dict()`, on every process
+    (with `main_only`, on the main process only where the engine allows it: others may get an empty dict). Only the
+    adapter is gathered. A collective."""
+    inner = _peft_model(model)
+    if _is_fsdp2(model):
+        state = _fsdp2_adapter_state(model, inner, main_only)
+        return {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
     state = {}
     with _adapter_parameters(model, modify=False) as params:
-        for name in sorted(params):  # one order on every process: FSDP2's `full_tensor` is a collective
-            param = params[name]
-            full = param.full_tensor() if isinstance(param, DTensor) else param
-            state[name] = full.detach().to("cpu", copy=True)
+        for name in sorted(params):
+            state[name] = params[name].detach().to("cpu", copy=True)
     return state
 
 
 def load_adapter_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Write an adapter checkpoint (keys as in `adapter_model.safetensors`) into the model's parameters, whatever
     shards them. Every adapter parameter must be in `weights` and every tensor of `weights` must be used."""
-    with _adapter_parameters(model, modify=True) as params:
-        inner = _peft_model(model)
-        checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key
-        keys = {name: checkpoint_key(name, inner.active_adapter) for name in params}
+    inner = _peft_model(model)
+    checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key
+
+    def checkpoint_keys(names: list[str]) -> dict[str, str]:
+        keys = {name: checkpoint_key(name, inner.active_adapter) for name in names}
         missing = sorted(k for k in keys.values() if k not in weights)
         unused = sorted(set(weights) - set(keys.values()))
         if missing or unused:
             raise ValueError(
                 f"the adapter checkpoint does not fit the model: missing {missing[:3]}, unused {unused[:3]}"
             )
-        for name in sorted(params):
-            param, value = params[name], weights[keys[name]]
-            if isinstance(param, DTensor):  # every process holds the whole value: each keeps its own shard
-                value = distribute_tensor(
-                    value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
-                )
-                param.copy_(value)
-            else:
-                if tuple(param.shape) != tuple(value.shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)}, model {tuple(param.shape)}")
-                param.data.copy_(value.to(param.device, param.dtype))
+        return keys
+
+    if _is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        params = {_clean(n): p for n, p in inner.named_parameters()}
+        keys = checkpoint_keys(_adapter_names(inner))
+        for name, key in keys.items():
+            _check_shape(name, params[name], weights[key])
+        # every process holds the whole value and keeps its own shard of it: nothing is gathered (torch loads the
+        # base's local shards back onto themselves on the way)
+        state = {name: weights[key] for name, key in keys.items()}
+        for module in model.modules():  # the root keeps its parameters whole after a forward: loading needs shards
+            if isinstance(module, torch.distributed.fsdp.FSDPModule):
+                module.reshard()
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    with _adapter_parameters(model, modify=True) as params:  # FSDP1 names its flat parameters only inside the block
+        keys = checkpoint_keys(sorted(params))
+        for name, key in keys.items():
+            param, value = params[name], weights[key]
+            _check_shape(name, param, value)
+            param.data.copy_(value.to(param.device, param.dtype))
 
 
-def save_adapter_snapshot(model: torch.nn.Module, directory: str | os.PathLike, is_main_process: bool) -> int:
-    """Save the active adapter in PEFT's format (`adapter_model.safetensors` + `adapter_config.json`) into
-    `directory`, gathered from every process and written by the main one. Call it on every process. Returns the number
-    of tensors written (never 0).
+def _check_shape(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)}, model {tuple(param.shape)}")
 
-    The file is written here rather than by `PeftModel.save_pretrained`, which picks the adapter's entries by module
-    names, and FSDP1 puts its wrapper's name into those."""
+
+def save_adapter(model: torch.nn.Module, directory: str | os.PathLike, is_main_process: bool) -> int:
+    """Save the active adapter in PEFT's format (`adapter_model.safetensors` + `adapter_config.json`, as
+    `PeftModel.save_pretrained` writes them on one process) into `directory`: the adapter alone is gathered to the
+    main process's CPU and written there. Call it on every process. Returns the number of tensors written (never 0).
+
+    The files are written here rather than by `PeftModel.save_pretrained(state_dict=...)`, which picks the adapter's
+    entries by module names, and FSDP1 puts its wrapper's name into those (it would write an empty file)."""
     from safetensors.torch import save_file
 
-    state = gather_adapter_state(model)
+    state = gather_adapter_state(model, main_only=True)
+    if not is_main_process:
+        return len(state)
     if not state:
         raise ValueError("the model has no adapter parameters to save")
-    if is_main_process:
-        inner = _peft_model(model)
-        checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key
-        tensors = {checkpoint_key(name, inner.active_adapter): value.contiguous() for name, value in state.items()}
-        os.makedirs(directory, exist_ok=True)
-        inner.peft_config[inner.active_adapter].save_pretrained(directory)
-        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-    return len(state)
+    inner = _peft_model(model)
+    adapter = inner.active_adapter
+    checkpoint_key = type(inner.base_model)._remove_adapter_name_from_key  # PEFT's own model key -> file key map
+    tensors = {checkpoint_key(name, adapter): value.contiguous() for name, value in state.items()}
+    config = copy.deepcopy(inner.peft_config[adapter])
+    config.inference_mode = True  # as `save_pretrained` records it: loading gives a frozen adapter unless asked
+    base_class = type(inner.get_base_model())
+    auto_mapping = None  # as `save_pretrained` writes it: with no task type, the base's class to load it into
+    if config.task_type is None:
+        auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory, auto_mapping_dict=auto_mapping)
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return len(tensors)
 
 
 def scoring_module(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,5 +1,7 @@
 """The Mixup loss through FSDP: `SFTMixTrainer.compute_loss` on an FSDP-wrapped model (2 CPU processes, gloo) gives
-the loss and the update of the bare model, for FSDP1 (the shipped `fsdp_qlora.yaml`, with a 4-bit base too) and FSDP2.
+the loss and the update of the bare model, for FSDP1 (the shipped `fsdp_qlora.yaml`, with a 4-bit base too) and FSDP2;
+and the trainer's final save (`save_model`, as `runs.train_save_publish` calls it) under the shipped
+SHARDED_STATE_DICT writes the adapter that one process writes after the same step.
 
 accelerate builds FSDP only on accelerators (on a CPU it falls back to DDP), so the worker wraps the model with
 torch's FSDP itself, the way accelerate and transformers do on GPUs (PEFT's auto-wrap policy, `use_orig_params=False`
@@ -22,6 +24,7 @@ VARIANTS = ("fsdp1", "fsdp1_qlora", "fsdp2")
 
 def worker(model_path: str, variant: str, out_dir: str) -> None:
     import copy
+    from types import SimpleNamespace
 
     import numpy as np
     import torch
@@ -128,24 +131,68 @@ def worker(model_path: str, variant: str, out_dir: str) -> None:
         "max_update": max((expected[n] - initial[n]).abs().max().item() for n in expected),
         "trainable": len(expected),
     }
+    # The final save as the recipes make it, under an FSDP plugin with the shipped SHARDED_STATE_DICT (accelerate on a
+    # CPU builds no FSDP plugin: the trainer is told what it would be told on GPUs), against one process's save
+    from torch.distributed.fsdp import StateDictType
+
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator.state.fsdp_plugin = SimpleNamespace(state_dict_type=StateDictType.SHARDED_STATE_DICT)
+    trainer.model_wrapped = wrapped
+    if variant.startswith("fsdp1"):  # as transformers leaves them after training under FSDP1
+        trainer.model = wrapped
+    trainer.save_model(os.path.join(out_dir, "final"))
+    if state.is_main_process:
+        with torch.no_grad():
+            for name, param in bare.named_parameters():
+                if name in expected:
+                    param.copy_(expected[name])
+        bare.save_pretrained(os.path.join(out_dir, "one_process"))
+    state.wait_for_everyone()
+
     Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps(result))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_mixup_loss_through_fsdp_equals_the_bare_model(tiny_model, tmp_path, variant):
+@pytest.fixture(scope="module", params=VARIANTS)
+def fsdp_run(request, tiny_model, tmp_path_factory):
+    """(variant, output folder) of one worker run on 2 processes, shared by the tests of that variant."""
+    variant = request.param
+    out = tmp_path_factory.mktemp(variant)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [__file__, str(tiny_model), variant, str(tmp_path)]
+    command += [__file__, str(tiny_model), variant, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    return variant, out
+
+
+@pytest.mark.slow
+def test_mixup_loss_through_fsdp_equals_the_bare_model(fsdp_run):
+    variant, out = fsdp_run
     for rank in (0, 1):
-        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        found = json.loads((out / f"rank{rank}.json").read_text())
         assert found["wrapper"] == ("FullyShardedDataParallel" if variant.startswith("fsdp1") else "FSDPPeftModel")
         assert found["missing"] == [] and found["trainable"] > 0
         assert found["loss"] == pytest.approx(found["bare_loss"], rel=1e-5)
         assert found["max_update"] > 1e-3  # the step moved the adapter, so the comparison below means something
         assert found["max_difference"] < 1e-5
+
+
+@pytest.mark.slow
+def test_final_save_under_fsdp_writes_the_one_process_adapter(fsdp_run):
+    import torch
+    from safetensors.torch import load_file
+
+    _, out = fsdp_run
+    final, one = out / "final", out / "one_process"
+    assert (final / "adapter_model.safetensors").is_file(), f"no adapter saved: {sorted(os.listdir(final))}"
+    found, expected = load_file(final / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert sorted(found) == sorted(expected) and len(found) > 0
+    for key, value in expected.items():
+        assert found[key].dtype == value.dtype and found[key].shape == value.shape
+        torch.testing.assert_close(found[key], value, rtol=0, atol=1e-5)
+    assert json.loads((final / "adapter_config.json").read_text()) == json.loads(
+        (one / "adapter_config.json").read_text()
+    )
 
 
 if __name__ == "__main__":

@@ -79,25 +79,32 @@ def wrap(model, variant: str):
 
 
 @contextmanager
-def count_unsharded(record: list):
-    """Appends (module, parameter names in it, bytes) for every FSDP1 flat parameter unsharded inside the block: what
-    a gather materialises on this process beyond its shards."""
+def count_unsharded(record: list, gathered: list):
+    """Appends (module, parameter names in it, bytes) to `record` for every FSDP1 flat parameter unsharded inside the
+    block, and the bytes of every FSDP2 `DTensor` made whole to `gathered`: what a gather materialises on this
+    process beyond its shards."""
     from torch.distributed.fsdp._flat_param import FlatParamHandle
+    from torch.distributed.tensor import DTensor, Replicate
 
-    original = FlatParamHandle.unshard
+    unshard, redistribute = FlatParamHandle.unshard, DTensor.redistribute
 
-    def unshard(self):
+    def counting_unshard(self):
         flat = self.flat_param
         record.append(
             (self._fully_sharded_module, flat._fqns, flat._unpadded_unsharded_size.numel() * flat.element_size())
         )
-        return original(self)
+        return unshard(self)
 
-    FlatParamHandle.unshard = unshard
+    def counting_redistribute(self, device_mesh=None, placements=None, **kwargs):
+        if placements is not None and all(isinstance(p, Replicate) for p in placements):
+            gathered.append(self.numel() * self.element_size())
+        return redistribute(self, device_mesh, placements, **kwargs)
+
+    FlatParamHandle.unshard, DTensor.redistribute = counting_unshard, counting_redistribute
     try:
         yield record
     finally:
-        FlatParamHandle.unshard = original
+        FlatParamHandle.unshard, DTensor.redistribute = unshard, redistribute
 
 
 def worker(model_path: str, out_dir: str, variants: str) -> None:
@@ -139,8 +146,8 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
         callback = _SnapshotCallback(directory, 1)
         callback.steps, callback.trainer = [1], SimpleNamespace(model_wrapped=wrapped)
         world = SimpleNamespace(global_step=1, is_world_process_zero=state.is_main_process)
-        unsharded = []
-        with count_unsharded(unsharded):
+        unsharded, gathered = [], []
+        with count_unsharded(unsharded, gathered):
             callback.on_step_end(None, world, None)
         state.wait_for_everyone()
         weights = load_snapshot(directory / "step-1")
@@ -151,7 +158,7 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
         # Scoring: the adapter zeroed first (the base's perplexities), then the snapshot loaded back into the shards
         load_adapter_state(wrapped, {k: torch.zeros_like(v) for k, v in weights.items()})
         zeroed, _, _ = score_perplexities(wrapped, dataset, BATCH_SIZE, pad_token_id=0)
-        with count_unsharded(unsharded):
+        with count_unsharded(unsharded, gathered):
             load_adapter_state(wrapped, weights)
             reloaded = gather_adapter_state(wrapped)
         forwards.clear()
@@ -170,9 +177,10 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
             "zeroed": zeroed.tolist(),
             "counts": counts.tolist(),
             "forwards": len(forwards),
-            # FSDP1: what saving, loading and reading the snapshot back unsharded (FSDP2 and ZeRO-3 gather per tensor)
+            # What saving, loading and reading the snapshot back unsharded (FSDP1) or made whole (FSDP2)
             "unsharded_names": sorted({f"{prefixes[id(m)]}.{name}" for m, names, _ in unsharded for name in names}),
             "unsharded_bytes": sum(size for _, _, size in unsharded),
+            "gathered_bytes": sum(gathered),
             "adapter_bytes": sum(v.numel() * v.element_size() for v in bare.values()),
             "model_bytes": model_bytes,
             "num_batches": num_batches,
@@ -212,6 +220,9 @@ def test_stage1_through_a_sharding_engine_equals_one_process(tiny_model, tmp_pat
             for found in ranks:
                 assert found["unsharded_names"] and all("lora_" in n for n in found["unsharded_names"])
                 assert found["unsharded_bytes"] == 3 * found["adapter_bytes"] < found["model_bytes"]
+        if variant == "fsdp2":  # only the adapter made whole, by saving and reading back (loading gathers nothing)
+            for found in ranks:
+                assert found["gathered_bytes"] == 2 * found["adapter_bytes"] < found["model_bytes"]
 
         # One process on the bare model with the same snapshot: the same table
         with torch.no_grad():

@@ -382,3 +382,19 @@ def test_another_runs_output_dir_is_refused(tiny_model, tmp_path, monkeypatch):
     text = _run_in_process("sft", argv, monkeypatch)
     assert "not empty" in text and "overwrite_output_dir" in text
     assert [p.name for p in out.iterdir()] == ["something.txt"]
+
+
+def test_a_run_that_saved_no_adapter_stops_with_one_line_before_success(tiny_model, tmp_path, monkeypatch):
+    from sftmix_trl.ntp_trainer import NTPTrainer
+
+    # What transformers' own save did under FSDP's SHARDED_STATE_DICT: return without writing the adapter
+    monkeypatch.setattr(NTPTrainer, "save_model", lambda self, output_dir=None, _internal_call=False: None)
+    out = tmp_path / "out"
+    argv = ["--config", "configs/demo/sft_qlora.yaml", "--model_name_or_path", str(tiny_model), "--output_dir"]
+    text = _run_in_process(
+        "sft", [*argv, str(out), "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"], monkeypatch
+    )
+    assert text == (
+        f"error: sft.py finished but wrote no adapter_model.safetensors, adapter_config.json in {out}; "
+        "nothing was published"
+    )

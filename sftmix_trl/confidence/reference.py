@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from ..atomic import atomic_write
 from ..data import EXAMPLE_ID
-from ..sharded import load_adapter_state, save_adapter_snapshot, scoring_module
+from ..sharded import load_adapter_state, save_adapter, scoring_module
 from .config import ConfidenceConfig
 from .scoring import score_perplexities
 from .snapshots import load_snapshot
@@ -72,7 +72,7 @@ class _SnapshotCallback(TrainerCallback):
         staging = target.with_name(target.name + ".tmp")
         if state.is_world_process_zero:
             shutil.rmtree(staging, ignore_errors=True)
-        save_adapter_snapshot(self.trainer.model_wrapped, staging, state.is_world_process_zero)  # on every process
+        save_adapter(self.trainer.model_wrapped, staging, state.is_world_process_zero)  # on every process
         if state.is_world_process_zero:
             load_snapshot(staging)
             shutil.rmtree(target, ignore_errors=True)

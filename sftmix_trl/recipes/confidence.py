@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 
+from accelerate import PartialState
+
 from ..confidence import ConfidenceConfig, compute_confidence
+from ..confidence.table import PLOT_FILE, TABLE_FILE
 from ..configs import ModelArguments, ScriptArguments
 from ..prepare import prepare_run_data
-from ..runs import launch, setup_logging
+from ..runs import check_promised, launch, setup_logging
 from ..sftmix_config import SFTMixConfig
 
 logger = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     table = compute_confidence(
         data.examples, model_args, training_args, config, training_args.confidence_dir, prepared=data.reference_train
     )
+    if PartialState().is_main_process:  # the process that wrote them
+        check_promised(training_args.confidence_dir, (TABLE_FILE, PLOT_FILE), "confidence.py")
     meta = table.metadata
     logger.info(
         "confidence table: %d scored (%d confident, %d unconfident), %d excluded; see %s/confidence.png",

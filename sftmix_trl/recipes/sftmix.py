@@ -6,7 +6,10 @@ sftmix-trl sftmix --config my.yaml                       (an installed package, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..confidence import ConfidenceConfig, compute_confidence
+from ..confidence.table import TABLE_FILE
 from ..configs import ModelArguments, ScriptArguments
 from ..data_report import exclude_suspicious
 from ..model import load_model, lora_config
@@ -84,6 +87,7 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         method="SFTMix",
         card_sections=lambda history: sftmix_card_sections(table, history, training_args),
         drops=drops,
+        promised=[Path(table_dir) / TABLE_FILE],
     )
 
 
