@@ -150,8 +150,8 @@ def test_merge_command_refuses_in_one_line(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_train_merge_evaluate_on_the_demo_config(tiny_model, tmp_path):
     """The three commands of docs/evaluation.md on the tiny model: the demo SFT config trains a QLoRA adapter, the
-    merge command makes a folder that plain transformers loads with the logits of (unquantised) base + adapter, and
-    the evaluate command scores that folder."""
+    merge command makes a folder that plain transformers loads with the logits of (unquantised) base + adapter and
+    measures it on a file (the run held nothing out), and the evaluate command scores that folder."""
     from conftest import run_recipe
     from peft import PeftModel
     from test_recipes import TINY, ok
@@ -164,12 +164,18 @@ def test_train_merge_evaluate_on_the_demo_config(tiny_model, tmp_path):
             "--output_dir", str(adapter), *TINY, "--max_steps", "2", "--learning_rate", "1e-2",
         )
     )  # fmt: skip
-    ok(run_recipe("merge.py", "--adapter_path", str(adapter), "--output_dir", str(merged), "--dtype", "float32"))
+    ok(
+        run_recipe(
+            "merge.py", "--adapter_path", str(adapter), "--output_dir", str(merged), "--dtype", "float32",
+            "--eval_file", str(DEMO_DATA / "health_qa.json"), "--eval_limit", "4",
+        )
+    )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(merged)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     expected = logits(PeftModel.from_pretrained(base, adapter), tokenizer)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged), tokenizer), expected)
-    assert "NTP" in (merged / "README.md").read_text()
+    card = (merged / "README.md").read_text()
+    assert "NTP" in card and "`health_qa.json` (4 examples)" in card and "| original (float32) |" in card
 
     ok(
         run_recipe(
