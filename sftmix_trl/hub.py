@@ -256,3 +256,101 @@ def card_settings(training_args, model_args) -> dict:
         lora_target_modules=model_args.lora_target_modules,
     )
     return settings
+
+
+def merge_figures_table(merged) -> str:
+    """The merge's figures as a small markdown table (a `merge.MergedModel` with figures): what the card shows and
+    `sftmix-trl merge` prints."""
+    figures = merged.figures
+    relative = figures.difference / figures.trained_perplexity if figures.trained_perplexity else float("nan")
+    return (
+        f"| target | merged | base + adapter as trained ({merged.trained_as}) | difference |\n"
+        "| --- | --- | --- | --- |\n"
+        f"| {merged.target} ({merged.dtype}) | {figures.merged_perplexity:.4f} | {figures.trained_perplexity:.4f} | "
+        f"{figures.difference:+.4f} ({relative:+.2%}) |"
+    )
+
+
+def _merge_target_text(merged) -> str:
+    if not merged.quantised:
+        return f"The run trained on the unquantised base ({merged.trained_as}): this merge is the trained model."
+    if merged.target == "dequantized":
+        return (
+            f"Merged into the weights the adapter was trained against: the base quantised as the run loaded it "
+            f"({merged.trained_as}), dequantised to {merged.dtype}. This is the trained model, quantisation error "
+            "included."
+        )
+    return (
+        f"Merged into the base's original weights ({merged.dtype}). The adapter was trained against their "
+        f"quantised form ({merged.trained_as}), so this model differs from the trained one by the quantisation "
+        "error; `sftmix-trl merge --target dequantized` ships the trained model itself."
+    )
+
+
+def merge_card_section(merged) -> str:
+    """What the merged folder ships (its target) and, when measured, what that costs in held-out perplexity."""
+    text = f"## What this merge ships\n\n{_merge_target_text(merged)}\n"
+    figures = merged.figures
+    if figures is None:
+        return text + "\nHeld-out perplexity not measured (`sftmix-trl merge` measures it unless `--measure false`).\n"
+    return (
+        f"{text}\nHeld-out response perplexity (lower is better) on {figures.data}, {figures.tokens} response "
+        f"tokens:\n\n{merge_figures_table(merged)}\n"
+    )
+
+
+def write_merged_card(output_dir: str, merged) -> Path:
+    """README.md of a merged model (a `merge.MergedModel`): what it is made of, which weights it ships and what that
+    costs, how to load it."""
+    from .merge import UNRECORDED
+
+    name = Path(output_dir).name
+    local = _is_local_model(merged.base)
+    sftmix = merged.method == "SFTMix"
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    front += [] if local else [f"base_model: {merged.base}", "base_model_relation: finetune"]
+    front += ["tags:", "- trl", "- sft", "- lora", "- merged"] + (["- sftmix"] if sftmix else []) + ["---"]
+    base_text = (
+        f"`{merged.base}` (a local model)" if local else f"[{merged.base}](https://huggingface.co/{merged.base})"
+    )
+    trained = (
+        "The adapter folder does not record how it was trained (no sftmix_run.json)."
+        if merged.method == UNRECORDED
+        else f"The adapter was trained with **{merged.method}** using sftmix-trl on TRL's `SFTTrainer`."
+    )
+    lora = merged.lora
+    body = f"""
+# {name}
+
+{base_text} with the LoRA adapter `{merged.adapter}` merged into its weights ({merged.dtype}): a standalone model, no
+PEFT needed. {trained}
+{SFTMIX_CITATION if sftmix else ""}
+
+| | |
+| --- | --- |
+| base | {merged.base} |
+| adapter | {merged.adapter} |
+| method | {merged.method} |
+| LoRA | r {lora.get("r")}, alpha {lora.get("lora_alpha")}, modules {lora.get("target_modules")} |
+| trained against | {merged.trained_as} |
+| merge target | {merged.target} |
+| merged dtype | {merged.dtype} |
+
+{merge_card_section(merged)}
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+messages = [{{"role": "user", "content": "What are common symptoms of anaemia?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+print(tokenizer.decode(model.generate(inputs, max_new_tokens=128)[0][inputs.shape[1]:], skip_special_tokens=True))
+```
+
+or serve the folder: `vllm serve {name}`.
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text("\n".join(front) + "\n" + redact(body))
+    return path

@@ -40,10 +40,24 @@ def load_perplexity_data(
         assistant_turns=turns,
     )
     train, held = load_datasets(args)
-    dataset = held if held_out else train
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return dataset
+    return _first(held if held_out else train, limit)
+
+
+def load_run_held_out(config: dict, limit: int | None = None) -> Dataset | None:
+    """The held-out split a training run evaluated on, re-read from the data settings it recorded (the `config` of
+    its `sftmix_run.json`) through the same loader: the same sources, seed and split give the same examples. None
+    when the run held none out. Relative data paths are read from the current folder, as the run read them."""
+    from ..run_record import run_script_arguments
+
+    args = run_script_arguments(config)
+    if not args.eval_split_size:
+        return None
+    _, held = load_datasets(args)
+    return _first(held, limit)
+
+
+def _first(dataset: Dataset, limit: int | None) -> Dataset:
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
 def render(tokenizer, example: dict) -> tuple[list[int], list[tuple[int, int]]]:
