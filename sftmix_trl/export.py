@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import SFTMixError
 from .llama_cpp import CONVERTER, LlamaCppError, converter_problem, find_llama_cpp, find_quantize, run_converter
+from .merge import TARGETS as MERGE_TARGETS
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ QUANTISER_TYPES = ("q4_k_m", "q5_k_m", "q6_k")  # written by llama-quantize from
 GGUF_TYPES = CONVERTER_TYPES + QUANTISER_TYPES
 # Largest held-out perplexity increase of the GGUF over the merged model that passes the check, per type
 DEFAULT_MAX_INCREASE = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.02, "q6_k": 0.05, "q5_k_m": 0.08, "q4_k_m": 0.2}
-MERGE_TARGETS = ("original",)  # the current merge: into the unquantised base
 CHECK_FILE = "export_check.json"
 
 
@@ -62,7 +62,8 @@ class ExportArguments:
     merge_target: str = field(
         default="original",
         metadata={
-            "help": "Weights the adapter is merged into: 'original' (the unquantised base, as `merge` does).",
+            "help": "Weights the adapter is merged into before conversion, as `merge --target`: 'original' (the "
+            "base's own weights) or 'dequantized' (the run's 4-bit weights dequantised: the model it trained).",
             "choices": list(MERGE_TARGETS),
         },
     )
@@ -273,8 +274,8 @@ def export(args: ExportArguments) -> Path:
         merged = merge(
             MergeArguments(
                 adapter_path=args.adapter_path, output_dir=str(staging / "merged"),
-                model_name_or_path=args.model_name_or_path, dtype=args.dtype,
-                trust_remote_code=args.trust_remote_code,
+                model_name_or_path=args.model_name_or_path, dtype=args.dtype, target=args.merge_target,
+                trust_remote_code=args.trust_remote_code, measure=False,  # the check below measures the GGUF
             )
         )  # fmt: skip
         gguf_file = staging / f"{out.name}-{args.gguf}.gguf"
