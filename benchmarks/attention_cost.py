@@ -174,8 +174,8 @@ def attention_case(method: str, total: int, repeats: int, device: str = "cpu") -
 
 def mixup_case(method: str, hidden_size: int, num_examples: int, vocab: int, device: str = "cpu") -> dict:
     """The Mixup term's forward + backward on one padding-free row, before (re-padded) or after (gathered)."""
-    from sftmix_trl.mixup import IGNORE_INDEX, mixup_loss, mixup_loss_at
-    from sftmix_trl.padding_free import mixed_flat_positions, unflatten
+    from sftmix_trl.sftmix.mixup import IGNORE_INDEX, mixup_loss, mixup_loss_at
+    from sftmix_trl.sftmix.padding_free import mixed_flat_positions, unflatten
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -27,10 +27,10 @@ def main() -> None:
 
     from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
     from sftmix_trl.configs import ModelArguments, ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
     from sftmix_trl.demo_model import prepare_demo_model
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.sftmix_config import SFTMixConfig
+    from sftmix_trl.sftmix.config import SFTMixConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=64)

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from sftmix_trl.evaluation.modeling import load_eval_model
+from sftmix_trl.adapter import load_with_adapter
+from sftmix_trl.after_training.merge import MergeArguments, MergedModel, merge, merge_eval_data
+from sftmix_trl.commands.evaluate import quiet_logging
 from sftmix_trl.evaluation.perplexity import response_perplexity
-from sftmix_trl.merge import MergeArguments, MergedModel, merge, merge_eval_data
-from sftmix_trl.recipes.evaluate import quiet_logging
 from sftmix_trl.run_record import quantisation_label, read_run_record, trained_model_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def base_perplexity(trained_as, tokenizer, data, batch_size: int, max_length: in
     """The base alone, as the run loaded it (4-bit) or unquantised in float32."""
     if not load_in_4bit:
         trained_as = dataclasses.replace(trained_as, load_in_4bit=False, dtype="float32")
-    model = load_eval_model(trained_as)
+    model = load_with_adapter(trained_as)
     metrics, _ = response_perplexity(model, tokenizer, data, batch_size, max_length, "base")
     del model
     gc.collect()

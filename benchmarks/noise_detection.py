@@ -19,7 +19,7 @@ For each signal: AUROC (injected vs clean), and precision and recall among the t
 - `variability` (std of the perplexity across the snapshots; high = suspicious),
 - `perplexity_base` (the base model's perplexity of the response given its prompt; high = suspicious),
 - `prompt_fit_base`, `prompt_fit_reference` (PPL(response | prompt) / PPL(response alone); high = suspicious),
-- `suspicious` (the report's rank, `sftmix_trl.data_report.suspicious_score`).
+- `suspicious` (the report's rank, `sftmix_trl.confidence.report.suspicious_score`).
 `detect` needs no reference: it runs every rate and seed; `stage1` trains one reference (rate 10%, seed 0) through
 `compute_confidence`, as a user's stage 1 does, and times the report's extra passes against the rest of stage 1.
 """
@@ -111,7 +111,7 @@ def signal_metrics(signals: dict[str, np.ndarray], injected: list[bool], share: 
 
 def _load(records: list[dict], work: Path, name: str):
     from sftmix_trl.configs import ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
 
     path = work / f"{name}.json"
     path.write_text(json.dumps(records))
@@ -120,7 +120,7 @@ def _load(records: list[dict], work: Path, name: str):
 
 def _injected_ids(dataset, noisy: list[dict], injected: list[bool]) -> set[str]:
     """The example ids of the injected records (found by their text: the loader shuffles)."""
-    from sftmix_trl.data import EXAMPLE_ID
+    from sftmix_trl.data.load import EXAMPLE_ID
 
     wanted = {
         (f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"], r["output"])
@@ -140,7 +140,7 @@ def _injected_ids(dataset, noisy: list[dict], injected: list[bool]) -> set[str]:
 def _demo_args(work: Path, max_length: int, **overrides):
     from sftmix_trl.configs import ModelArguments
     from sftmix_trl.demo_model import prepare_demo_model
-    from sftmix_trl.sftmix_config import SFTMixConfig
+    from sftmix_trl.sftmix.config import SFTMixConfig
 
     values = dict(
         output_dir=str(work / "run"),
@@ -163,10 +163,10 @@ def detect(args) -> None:
     rows once, each variant's injected rows once."""
     from datasets import concatenate_datasets
 
-    from sftmix_trl.data import EXAMPLE_ID
+    from sftmix_trl.confidence.prompt_fit import adapter_disabled, response_frame_ids, score_prompt_fit
+    from sftmix_trl.data.load import EXAMPLE_ID
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.padding_free import TruncatingSFTTrainer
-    from sftmix_trl.prompt_fit import adapter_disabled, response_frame_ids, score_prompt_fit
+    from sftmix_trl.sft_trainer import TruncatingSFTTrainer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def _stage1_report(dataset, work: Path, max_length: int, prompt_fit_model: str) 
     import pyarrow.parquet as pq
 
     from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
-    from sftmix_trl.data_report import REPORT_TABLE
+    from sftmix_trl.confidence.report import REPORT_TABLE
 
     model_args, training_args = _demo_args(
         work, max_length, output_dir=str(work / "stage1"), prompt_fit_model=prompt_fit_model
@@ -268,7 +268,7 @@ def _stage1_report(dataset, work: Path, max_length: int, prompt_fit_model: str) 
 def stage1(args) -> None:
     """Stage 1 with both prompt-fit models on one noisy variant: every signal's detection figures, and the time of
     each part of the stage."""
-    from sftmix_trl.data_report import suspicious_score
+    from sftmix_trl.confidence.report import suspicious_score
 
     work = Path(args.work)
     dataset, injected_ids, _ = _variant(args, work)
@@ -324,10 +324,10 @@ def exclusion(args) -> None:
     from sftmix_trl.confidence import ConfidenceConfig, ConfidenceTable
     from sftmix_trl.confidence.reference import _reference_args
     from sftmix_trl.confidence.snapshots import load_snapshot
-    from sftmix_trl.data import EXAMPLE_ID
-    from sftmix_trl.data_report import exclude_suspicious
+    from sftmix_trl.data.load import EXAMPLE_ID
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.padding_free import TruncatingSFTTrainer
+    from sftmix_trl.sft_trainer import TruncatingSFTTrainer
+    from sftmix_trl.sftmix.exclusion import exclude_suspicious
     from sftmix_trl.sharded import load_adapter_state
 
     work = Path(args.work)

@@ -208,7 +208,7 @@ def aggregate(summaries: list[dict]) -> dict[str, dict]:
 def stage_one(args, model_args, dataset, seed: int, work: Path):
     """This seed's confidence table: reference run with the seed, the training schedule, C=3 snapshots."""
     from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
-    from sftmix_trl.sftmix_config import SFTMixConfig
+    from sftmix_trl.sftmix.config import SFTMixConfig
 
     config = _config(
         SFTMixConfig,
@@ -248,8 +248,8 @@ def train_variant(variant: str, seed: int, args, model_args, dataset, eval_datas
 
     from sftmix_trl.configs import SFTConfig
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.sftmix_config import SFTMixConfig
-    from sftmix_trl.sftmix_trainer import SFTMixTrainer
+    from sftmix_trl.sftmix.config import SFTMixConfig
+    from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -518,7 +518,7 @@ def plot(agg: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from sftmix_trl.configs import ModelArguments, ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
     from sftmix_trl.demo_model import prepare_demo_model
 
     args = parse_args(argv)

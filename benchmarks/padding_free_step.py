@@ -47,8 +47,8 @@ def main() -> None:
 
     from sftmix_trl.configs import SFTConfig
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.sftmix_config import SFTMixConfig
-    from sftmix_trl.sftmix_trainer import ROW, SFTMixTrainer
+    from sftmix_trl.sftmix.config import SFTMixConfig
+    from sftmix_trl.sftmix.trainer import ROW, SFTMixTrainer
 
     work = Path(tempfile.mkdtemp(prefix="padding-free-step-"))
     model_args = throughput.build_model("demo", "cpu", work)

@@ -38,8 +38,8 @@ MICRO_BATCH = 8
 def real_lengths(name: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, response tokens) of every example of a shared file, as TRL prepares it for the demo model."""
     from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-    from sftmix_trl.data import load_datasets
-    from sftmix_trl.data_checks import prepare_like_trl
+    from sftmix_trl.data.checks import prepare_like_trl
+    from sftmix_trl.data.load import load_datasets
     from sftmix_trl.demo_model import prepare_demo_model
     from sftmix_trl.model import load_tokenizer
 
@@ -64,7 +64,7 @@ def mixed_share(responses: np.ndarray, pairs: np.ndarray) -> float:
 
 
 def make_total_length_sampler():
-    from sftmix_trl.sampler import PairedSampler
+    from sftmix_trl.sftmix.sampler import PairedSampler
 
     class TotalLengthPairs(PairedSampler):
         def _by_length(self, rows: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def make_total_length_sampler():
 def measure(lengths: np.ndarray, responses: np.ndarray, seed: int) -> dict[str, tuple[float, float | None]]:
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from sftmix_trl.sampler import PairedSampler
+    from sftmix_trl.sftmix.sampler import PairedSampler
 
     rng = np.random.default_rng(seed)
     halves = rng.permutation(len(lengths))

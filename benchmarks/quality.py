@@ -108,8 +108,8 @@ def train(method: str, seed: int, args, model_args, dataset, table, run_dir: Pat
 
     from sftmix_trl.configs import SFTConfig
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.sftmix_config import SFTMixConfig
-    from sftmix_trl.sftmix_trainer import SFTMixTrainer
+    from sftmix_trl.sftmix.config import SFTMixConfig
+    from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -183,7 +183,7 @@ def evaluate_model(args, model_args, adapter: Path | None, out: Path, paths: dic
 def stage_one(args, model_args, dataset, work: Path):
     """The confidence table of the training set (reference run with the first seed), computed once."""
     from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
-    from sftmix_trl.sftmix_config import SFTMixConfig
+    from sftmix_trl.sftmix.config import SFTMixConfig
 
     config = training_config(
         SFTMixConfig,
@@ -323,7 +323,7 @@ def plot(evals: dict, path: Path) -> None:
 
 def main() -> None:
     from sftmix_trl.configs import ModelArguments, ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
     from sftmix_trl.demo_model import prepare_demo_model
     from sftmix_trl.evaluation.ifeval import check_punkt
 

@@ -49,7 +49,7 @@ case, argv = sys.argv[1], sys.argv[2:]
 if case == "trl":
     from trl import SFTTrainer
     from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig, parse_args
-    from sftmix_trl.data import has_multi_turn, load_datasets
+    from sftmix_trl.data.load import has_multi_turn, load_datasets
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
     sys.argv = ["trl", *argv]
     script_args, training_args, model_args = parse_args((ScriptArguments, SFTConfig, ModelArguments))
@@ -60,7 +60,7 @@ if case == "trl":
                processing_class=tokenizer, peft_config=lora_config(model_args)).train()
 else:
     sys.argv = [case, *argv]
-    runpy.run_module(f"sftmix_trl.recipes.{case}", run_name="__main__")
+    runpy.run_module(f"sftmix_trl.commands.{case}", run_name="__main__")
 raise SystemExit("the run ended before its first training step")
 """
 
@@ -68,10 +68,10 @@ _TABLE = r"""
 import sys, numpy as np
 from sftmix_trl.confidence import ConfidenceConfig, ConfidenceTable, expected_metadata
 from sftmix_trl.configs import ModelArguments, ScriptArguments, parse_args
-from sftmix_trl.data import has_multi_turn, load_datasets
+from sftmix_trl.data.load import has_multi_turn, load_datasets
 from sftmix_trl.model import load_tokenizer
-from sftmix_trl.sftmix_config import SFTMixConfig
-from sftmix_trl.data_checks import prepare_like_trl
+from sftmix_trl.sftmix.config import SFTMixConfig
+from sftmix_trl.data.checks import prepare_like_trl
 out, argv = sys.argv[1], sys.argv[2:]
 sys.argv = ["table", *argv]
 script_args, args, model_args = parse_args((ScriptArguments, SFTMixConfig, ModelArguments))

@@ -42,7 +42,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def demo_setup(num_examples: int, max_length: int):
     from sftmix_trl.configs import ModelArguments, ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
     from sftmix_trl.demo_model import prepare_demo_model
 
     model_args = ModelArguments(model_name_or_path=str(prepare_demo_model()), load_in_4bit=True)
@@ -102,11 +102,11 @@ def run_variant(case: str, variant: str, steps: int, warmup: int, out: Path) -> 
 
     from sftmix_trl.confidence import ConfidenceTable
     from sftmix_trl.demo_model import prepare_demo_model
-    from sftmix_trl.mixup import count_mixed_positions
     from sftmix_trl.model import load_model, load_tokenizer, lora_config
-    from sftmix_trl.sampler import PairedSampler
-    from sftmix_trl.sftmix_config import SFTMixConfig
-    from sftmix_trl.sftmix_trainer import SFTMixTrainer
+    from sftmix_trl.sftmix.config import SFTMixConfig
+    from sftmix_trl.sftmix.mixup import count_mixed_positions
+    from sftmix_trl.sftmix.sampler import PairedSampler
+    from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
     tmp = RESULTS / ".cache"
     if case == "demo":
@@ -200,7 +200,7 @@ def run_variant(case: str, variant: str, steps: int, warmup: int, out: Path) -> 
 
 def full_logits_mixup_loss(h_c, h_u, y_c, y_u, weight, lam):
     """The naive version: the same loss with the float32 logits of every mixed position materialised at once."""
-    from sftmix_trl.mixup import mixed_position_masks
+    from sftmix_trl.sftmix.mixup import mixed_position_masks
 
     keep_c, keep_u, n = mixed_position_masks(y_c, y_u)
     lam_pos = lam.repeat_interleave(n)[:, None]
@@ -212,7 +212,7 @@ def full_logits_mixup_loss(h_c, h_u, y_c, y_u, weight, lam):
 
 
 def mixup_memory(vocab: int = 128_256, hidden: int = 1024, pairs: int = 8, positions: int = 256) -> dict:
-    from sftmix_trl.mixup import mixup_loss
+    from sftmix_trl.sftmix.mixup import mixup_loss
 
     generator = torch.Generator().manual_seed(0)
     t = positions + 1

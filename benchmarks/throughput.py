@@ -119,7 +119,7 @@ def load_pool(path: Path, num_examples: int, seed: int = 0):
     """The same `num_examples` examples of a file for every variant, with a seeded random confidence table."""
     from sftmix_trl.confidence import ConfidenceTable
     from sftmix_trl.configs import ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
 
     dataset = load_datasets(ScriptArguments(dataset_name=str(path)))[0]
     dataset = dataset.shuffle(seed=seed).select(range(min(num_examples, len(dataset)))).flatten_indices()
@@ -136,9 +136,9 @@ def run_variant(variant: Variant, dataset, table, model_args, tokenizer, opts, w
 
     from sftmix_trl.configs import SFTConfig
     from sftmix_trl.model import load_model, lora_config
-    from sftmix_trl.sampler import PairedSampler
-    from sftmix_trl.sftmix_config import SFTMixConfig
-    from sftmix_trl.sftmix_trainer import ROW, SFTMixTrainer
+    from sftmix_trl.sftmix.config import SFTMixConfig
+    from sftmix_trl.sftmix.sampler import PairedSampler
+    from sftmix_trl.sftmix.trainer import ROW, SFTMixTrainer
 
     cuda = opts.device == "cuda"
     common = dict(

@@ -7,7 +7,7 @@ Reads the same YAML as the SFTMix recipe; the table lands in `confidence_dir` (d
 where the SFTMix recipe finds and reuses it. A run that was killed resumes where it stopped.
 """
 
-from sftmix_trl.recipes.confidence import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
+from sftmix_trl.commands.confidence import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
     run()

@@ -12,7 +12,7 @@ Writes eval_results.json (every figure, the model, adapter and configuration it 
 eval_results.md and samples_<task>.jsonl into `output_dir`.
 """
 
-from sftmix_trl.recipes.evaluate import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
+from sftmix_trl.commands.evaluate import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
     run()

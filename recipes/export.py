@@ -3,10 +3,10 @@
 sftmix-trl export --adapter_path outputs/demo/sft_qlora --output_dir outputs/demo/gguf [--gguf q8_0|f16|bf16|q4_k_m]
 python recipes/export.py --adapter_path ADAPTER --output_dir OUT [--llama_cpp_dir LLAMA_CPP] [--eval_data FILE]
 
-See sftmix_trl/recipes/export.py and docs/serving.md.
+See sftmix_trl/commands/export.py and docs/serving.md.
 """
 
-from sftmix_trl.recipes.export import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
+from sftmix_trl.commands.export import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
     run()

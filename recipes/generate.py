@@ -8,7 +8,7 @@ The base is the one the adapter records unless `--model_name_or_path` says other
 (4-bit by default: `--load_in_4bit false` for the 16/32-bit base).
 """
 
-from sftmix_trl.recipes.generate import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
+from sftmix_trl.commands.generate import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
     run()

@@ -7,7 +7,7 @@ Writes model.safetensors (or shards), config.json, generation_config.json, the t
 template (no `{% generation %}` markers) and a README.md model card naming the base, the adapter and the method.
 """
 
-from sftmix_trl.recipes.merge import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
+from sftmix_trl.commands.merge import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
     run()

@@ -4,7 +4,7 @@ accelerate launch recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml [--k
 sftmix-trl sftmix --config my.yaml                       (an installed package, no clone)
 """
 
-from sftmix_trl.recipes.sftmix import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
+from sftmix_trl.commands.sftmix import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)
 
 if __name__ == "__main__":
     run()

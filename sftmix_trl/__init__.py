@@ -1,19 +1,19 @@
 """sftmix-trl: SFTMix (confidence-aware Mixup for instruction tuning) on TRL, PEFT and bitsandbytes."""
 
-from .bnb_cpu import silence_hub_kernel_warning
+from sftmix_trl.bnb_cpu import silence_hub_kernel_warning
 
 silence_hub_kernel_warning()  # before anything imports bitsandbytes
 
-from .errors import SFTMixError  # noqa: E402
-from .mixup import mixup_loss  # noqa: E402
+from sftmix_trl.errors import SFTMixError  # noqa: E402
 
 __version__ = "0.1.0"
 
-# The trainer and stage 1 import TRL and transformers' Trainer: loaded on first use, so that `import sftmix_trl`
-# (the CLI's --help, the loss alone) stays fast
+# The public names, loaded on first use: the trainer and stage 1 import TRL and transformers' Trainer, so that
+# `import sftmix_trl` (the CLI's --help, the loss alone) stays fast; and the package's root imports no stage
 _LAZY = {
-    "SFTMixConfig": ".sftmix_config",
-    "SFTMixTrainer": ".sftmix_trainer",
+    "mixup_loss": ".sftmix.mixup",
+    "SFTMixConfig": ".sftmix.config",
+    "SFTMixTrainer": ".sftmix.trainer",
     "ConfidenceConfig": ".confidence",
     "ConfidenceTable": ".confidence",
     "compute_confidence": ".confidence",

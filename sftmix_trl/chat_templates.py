@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from .errors import SFTMixError
+from sftmix_trl.errors import SFTMixError
 
 # `message['content']`, `message["content"]` or `message.content`
 _CONTENT = re.compile(r"""message\s*(?:\[\s*(['"])content\1\s*\]|\.content\b)""")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0]
     if command not in RECIPES:
         raise SystemExit(f"error: unknown command {command!r}; expected one of {', '.join(RECIPES)}\n\n{USAGE}")
-    recipe = importlib.import_module(f"sftmix_trl.recipes.{command}")
+    recipe = importlib.import_module(f"sftmix_trl.commands.{command}")
     sys.argv = [sys.argv[0], *argv[1:]]  # the recipe parses its own arguments, as `recipes/<command>.py` does
     recipe.run()
 

@@ -17,11 +17,12 @@ import trl
 import yaml
 from trl import ModelConfig, TrlParser
 
+from sftmix_trl.errors import SFTMixError
+
 
 def load_yaml(path: str | Path) -> Any:
     """The YAML file at `path`; a syntax error is one `SFTMixError` line with the file, line and column (PyYAML's own
     message is a multi-line traceback)."""
-    from .errors import SFTMixError
 
     with open(path) as handle:
         try:
@@ -194,8 +195,6 @@ def check_choices(config) -> None:
     configs built in Python or from a YAML file (argparse checks only the command line): a typo such as
     `mixup_lambda_per: batches` must not run the default."""
     from enum import Enum
-
-    from .errors import SFTMixError
 
     literal = _literal_choices(type(config))
     for spec in fields(config):

@@ -11,3 +11,12 @@ class SFTMixError(ValueError):
 
 class DataError(SFTMixError):
     """A data problem the user can fix: the message names the file, the record and the field."""
+
+
+class EvalError(SFTMixError):
+    """Bad evaluation input (task list, data file, adapter folder, NLTK data); the message says what to change."""
+
+
+class AdapterError(EvalError):
+    """A saved adapter that is no PEFT LoRA adapter, or does not fit the base it is put on (evaluate, generate,
+    merge, export)."""

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
-from .errors import SFTMixError
+from sftmix_trl.configs import ModelArguments
+from sftmix_trl.errors import SFTMixError
+from sftmix_trl.model import lora_config, meta_model, quantization_config
+from sftmix_trl.sft_trainer import check_attention
 
 logger = logging.getLogger(__name__)
 
@@ -88,29 +89,11 @@ def check_fsdp_quantization(model_args, training_args) -> None:
 def _meta_model(model_args, trust_remote_code: bool):
     """The model, with its adapter when LoRA is on, built on the meta device: module names and config only, no
     weights, about a second for an 8B."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+    from peft import get_peft_model
 
-    from .model import ModelLoadError, _check_model_path, lora_config
-
-    path = _check_model_path(model_args.model_name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(
-            path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
-        )
-    except OSError as error:
-        raise ModelLoadError(f"could not read the config of {model_args.model_name_or_path}: {error}") from None
+    model = meta_model(model_args, trust_remote_code)[1]
     peft_config = lora_config(model_args)
-    with torch.device("meta"):
-        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-            # The class itself: `from_config` would partition the model with `deepspeed.zero.Init` under ZeRO-3
-            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
-        else:  # a model of remote code
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        if peft_config is None:
-            return model
-        from peft import get_peft_model
-
-        return get_peft_model(model, peft_config).get_base_model()
+    return model if peft_config is None else get_peft_model(model, peft_config).get_base_model()
 
 
 def check_lm_head(model_args, trust_remote_code: bool = False, mixup: bool = False) -> None:
@@ -127,14 +110,14 @@ def check_token_budget(training_args) -> None:
         raise LaunchError("`tokens_per_micro_batch` hands whole micro-batches to processes: turn off split_batches")
 
 
+def _is_sftmix(training_args) -> bool:
+    """An `SFTMixConfig` (stage 1 or 2), told by its Mixup field: this check runs before any stage is imported."""
+    return hasattr(training_args, "mixup_weight")
+
+
 def check_before_writing(parsed: tuple) -> None:
     """Every refusal that the parsed arguments of a recipe already decide; raises `SFTMixError`."""
     from transformers import TrainingArguments
-
-    from .configs import ModelArguments
-    from .model import quantization_config
-    from .padding_free import check_attention
-    from .sftmix_config import SFTMixConfig
 
     training = next((args for args in parsed if isinstance(args, TrainingArguments)), None)
     for model_args in (args for args in parsed if isinstance(args, ModelArguments)):
@@ -144,8 +127,8 @@ def check_before_writing(parsed: tuple) -> None:
         if training.padding_free:
             check_attention(model_args.attn_implementation)
         check_fsdp_quantization(model_args, training)
-        mixup = isinstance(training, SFTMixConfig)  # stage 1 too: its table is for stage 2
+        mixup = _is_sftmix(training)  # stage 1 too: its table is for stage 2
         if model_args.use_peft or mixup:
             check_lm_head(model_args, training.trust_remote_code, mixup)
-    if isinstance(training, SFTMixConfig):
+    if _is_sftmix(training):
         check_token_budget(training)

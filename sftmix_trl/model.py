@@ -20,15 +20,16 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from trl import get_peft_config
 
-from .chat_templates import training_chat_template
-from .configs import ModelArguments, bf16_supported
-from .errors import SFTMixError
-from .padding_free import trainable_attention
+from sftmix_trl.chat_templates import training_chat_template
+from sftmix_trl.configs import ModelArguments, bf16_supported
+from sftmix_trl.errors import SFTMixError
+from sftmix_trl.sft_trainer import trainable_attention
 
 logger = logging.getLogger(__name__)
 
@@ -306,3 +307,26 @@ def load_model(model_args: ModelArguments, trust_remote_code: bool = False) -> P
 
 def lora_config(model_args: ModelArguments) -> LoraConfig | None:
     return get_peft_config(model_args)
+
+
+def meta_model(
+    model_args: ModelArguments, trust_remote_code: bool = False
+) -> tuple[PretrainedConfig, torch.nn.Module]:
+    """The base's config and an empty (meta-device) copy of it: module names and shapes without loading weights,
+    about a second for an 8B."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    path = _check_model_path(model_args.model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelLoadError(f"could not read the config of {model_args.model_name_or_path}: {error}") from None
+    with torch.device("meta"):
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            # The class itself: `from_config` would partition the model with `deepspeed.zero.Init` under ZeRO-3
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+        else:  # a model of remote code
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return config, model

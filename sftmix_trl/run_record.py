@@ -10,9 +10,9 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from .configs import ModelArguments, ScriptArguments
-from .model import _resolve_dtype, compute_dtype
-from .runs import RUN_FILE
+from sftmix_trl.configs import ModelArguments, ScriptArguments
+from sftmix_trl.model import _resolve_dtype, compute_dtype
+from sftmix_trl.runs import RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,18 @@ def read_run_record(folder: str | Path) -> dict | None:
         return json.loads((Path(os.path.expanduser(str(folder))) / RUN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+UNRECORDED = "LoRA fine-tuning (method not recorded)"
+METHODS = {"sftmix.py": "SFTMix", "sft.py": "NTP (supervised fine-tuning)", "confidence.py": "NTP (SFTMix reference)"}
+
+
+def method_of(folder: str | Path) -> str:
+    """The training method a run folder records (for cards), or `UNRECORDED`."""
+    recipe = (read_run_record(folder) or {}).get("recipe")
+    if recipe is None:
+        return UNRECORDED
+    return METHODS.get(recipe, f"LoRA fine-tuning ({recipe})")
 
 
 def run_compute_dtype(config: dict) -> str:

@@ -10,6 +10,7 @@ import trl
 from conftest import CHATML, write_jsonl
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from sftmix_trl.after_training.save import save_tokenizer
 from sftmix_trl.chat_templates import (
     FAMILIES,
     ChatTemplateError,
@@ -21,10 +22,9 @@ from sftmix_trl.chat_templates import (
 )
 from sftmix_trl.confidence import ConfidenceConfig, expected_metadata
 from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data.load import load_datasets
 from sftmix_trl.model import load_tokenizer
-from sftmix_trl.runs import save_tokenizer
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 MISTRAL_V03 = r"""{%- if messages[0]["role"] == "system" %}

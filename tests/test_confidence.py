@@ -19,8 +19,8 @@ from sftmix_trl.confidence import (
     split_confidence,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import load_datasets
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.data.load import load_datasets
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 
 def test_split_at_median_even_count():

@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT
 
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig, parse_args
-from sftmix_trl.data import LOCAL_SUFFIXES, sources_from_args
+from sftmix_trl.data.load import LOCAL_SUFFIXES, sources_from_args
 
 SFT_TYPES = (ScriptArguments, SFTConfig, ModelArguments)
 MIXTURE = {"datasets": [{"path": "data/demo/health_qa.json", "fraction": 0.5}, {"path": "a.jsonl"}], "seed": 3}
@@ -130,14 +130,14 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
 
 def recipe_dataclasses(config_path: Path) -> tuple[type, ...]:
     """The dataclasses of the recipe a config is named after (`sftmix_qlora.yaml` -> recipes/sftmix.py, whose main
-    and `ARGUMENTS` live in `sftmix_trl.recipes.sftmix`)."""
+    and `ARGUMENTS` live in `sftmix_trl.commands.sftmix`)."""
     matches = [name for name in RECIPES if config_path.stem == name or config_path.stem.startswith(name + "_")]
     assert matches, f"{config_path}: name it after its recipe (<recipe>_*.yaml, one of {RECIPES})"
-    return importlib.import_module(f"sftmix_trl.recipes.{max(matches, key=len)}").ARGUMENTS
+    return importlib.import_module(f"sftmix_trl.commands.{max(matches, key=len)}").ARGUMENTS
 
 
 def test_known_recipe_dataclasses():
-    from sftmix_trl.sftmix_config import SFTMixConfig
+    from sftmix_trl.sftmix.config import SFTMixConfig
 
     assert recipe_dataclasses(Path("configs/demo/sft_qlora.yaml")) == SFT_TYPES
     assert recipe_dataclasses(Path("configs/demo/sftmix_qlora.yaml")) == (

@@ -8,10 +8,10 @@ import pytest
 from conftest import DEMO_DATA, write_jsonl
 from datasets import Dataset
 
+from sftmix_trl.after_training.card import data_card_section
 from sftmix_trl.configs import ScriptArguments
-from sftmix_trl.data import EXAMPLE_ID, DataError, DataSource, example_fingerprint, load_datasets, load_source
-from sftmix_trl.drops import DropLog
-from sftmix_trl.model_card import data_card_section
+from sftmix_trl.data.drops import DropLog
+from sftmix_trl.data.load import EXAMPLE_ID, DataError, DataSource, example_fingerprint, load_datasets, load_source
 
 USER_Q = [{"role": "user", "content": "Name a colour."}]
 ASSISTANT_A = [{"role": "assistant", "content": "Blue."}]

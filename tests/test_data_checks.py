@@ -5,13 +5,13 @@ import re
 import pytest
 from conftest import demo_argv, recipe_stop_message, write_jsonl
 
+from sftmix_trl.commands import sft as sft_recipe
+from sftmix_trl.commands import sftmix as sftmix_recipe
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import load_datasets
-from sftmix_trl.data_checks import check_training_data, prepare_like_trl
+from sftmix_trl.data.checks import check_training_data, prepare_like_trl
+from sftmix_trl.data.load import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.ntp_trainer import NTPTrainer
-from sftmix_trl.recipes import sft as sft_recipe
-from sftmix_trl.recipes import sftmix as sftmix_recipe
+from sftmix_trl.sft_trainer import NTPTrainer
 
 
 @pytest.fixture

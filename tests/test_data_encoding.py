@@ -3,8 +3,8 @@
 import pytest
 from conftest import demo_argv, recipe_stop_message
 
-from sftmix_trl.data import DataError, DataSource, load_source
-from sftmix_trl.recipes import sft as sft_recipe
+from sftmix_trl.commands import sft as sft_recipe
+from sftmix_trl.data.load import DataError, DataSource, load_source
 
 GOOD = b'{"instruction": "Name a colour.", "output": "Blue."}\n'
 LATIN1 = '{"instruction": "Caf\xe9 or tea?", "output": "Tea."}\n'.encode("latin-1")  # one 0xE9 byte

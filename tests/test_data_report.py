@@ -9,22 +9,22 @@ import torch
 from conftest import run_recipe, write_jsonl
 from datasets import Dataset
 from test_confidence import _confidence_args
-from test_sharegpt import ALTERNATING_CHATML
+from test_data_sharegpt import ALTERNATING_CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftmix_trl.confidence import ConfidenceConfig, ConfidenceError, ConfidenceTable, compute_confidence
-from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import EXAMPLE_ID, load_datasets
-from sftmix_trl.data_report import (
+from sftmix_trl.confidence.prompt_fit import prompt_fit, response_frame_ids, score_prompt_fit, strip_prompts
+from sftmix_trl.confidence.report import (
     build_report,
-    exclude_suspicious,
     message_text,
     report_markdown,
     suspicious_ranks,
     variability,
     write_report,
 )
-from sftmix_trl.prompt_fit import prompt_fit, response_frame_ids, score_prompt_fit, strip_prompts
+from sftmix_trl.configs import ModelArguments, ScriptArguments
+from sftmix_trl.data.load import EXAMPLE_ID, load_datasets
+from sftmix_trl.sftmix.exclusion import exclude_suspicious
 
 
 def _hand_ppl(model, sequence: list[int], first: int) -> float:
@@ -175,7 +175,7 @@ def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_traini
 
     # The same table with the reference's prompt fit: no training, no snapshot scoring, one pass of the reference
     (directory / "report.parquet").unlink()
-    from sftmix_trl.padding_free import TruncatingSFTTrainer
+    from sftmix_trl.sft_trainer import TruncatingSFTTrainer
 
     monkeypatch.setattr(TruncatingSFTTrainer, "train", lambda *a, **k: pytest.fail("trained a reference again"))
     monkeypatch.setattr(confidence_module, "score_perplexities", lambda *a, **k: pytest.fail("scored a snapshot"))
@@ -187,10 +187,12 @@ def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_traini
     assert all(by_id[i]["ppl_given_prompt"] == pytest.approx(last[i]) for i in table.example_ids)
 
     # `sftmix-trl report` with another length of page: the cached scores, the files written again
-    from sftmix_trl.recipes.report import main as report_main
+    from sftmix_trl.commands.report import main as report_main
 
     script_args = ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=16)
-    monkeypatch.setattr("sftmix_trl.prompt_fit.score_perplexities", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(
+        "sftmix_trl.confidence.prompt_fit.score_perplexities", lambda *a, **k: pytest.fail("scored again")
+    )
     report_main(
         script_args,
         _args(tmp_path, num_confidence_checkpoints=2, prompt_fit_model="reference", report_top_k=3),
@@ -251,9 +253,9 @@ def test_report_prepares_the_data_as_the_recipes_do(tiny_model, tmp_path, monkey
     stage 2 and the report reuse stage 1's table (same examples, same scored turns, same template) instead of refusing
     it as another dataset's."""
     import sftmix_trl.confidence.reference as confidence_module
-    from sftmix_trl.recipes.confidence import main as confidence_main
-    from sftmix_trl.recipes.report import main as report_main
-    from sftmix_trl.recipes.sftmix import main as sftmix_main
+    from sftmix_trl.commands.confidence import main as confidence_main
+    from sftmix_trl.commands.report import main as report_main
+    from sftmix_trl.commands.sftmix import main as sftmix_main
 
     def chat(*turns):
         return {"messages": [{"role": role, "content": text} for role, text in turns]}

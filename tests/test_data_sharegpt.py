@@ -11,17 +11,17 @@ from conftest import build_tiny_model, run_recipe, write_jsonl
 
 from sftmix_trl.confidence import ConfidenceConfig
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import DataError, load_datasets
-from sftmix_trl.data_checks import (
+from sftmix_trl.data.checks import (
     check_same_survivors,
     check_sftmix_data,
     check_training_data,
     drop_unrenderable,
     prepare_like_trl,
 )
-from sftmix_trl.drops import DropLog
+from sftmix_trl.data.drops import DropLog
+from sftmix_trl.data.load import DataError, load_datasets
 from sftmix_trl.model import load_tokenizer
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 # ChatML that refuses two turns of one role in a row, as Mistral's and Llama 2's templates do
 ALTERNATING_CHATML = (

@@ -19,7 +19,7 @@ TOP_LEVEL = (
     "sftmix_trl",
     "tests",
 )
-# `configs/x.yaml`, `sftmix_trl/data.py`, ... anywhere in the text, code blocks included; a path followed by a
+# `configs/x.yaml`, `sftmix_trl/data/load.py`, ... anywhere in the text, code blocks included; a path followed by a
 # placeholder (`<`, `{`, `*`) is a pattern, not a file
 REPO_PATH = re.compile(r"(?<![\w./~-])((?:" + "|".join(TOP_LEVEL) + r")/[\w./-]*)(?![<{*\w./-])")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -15,17 +15,16 @@ import yaml
 from conftest import DEMO_DATA, ROOT, build_tiny_model, run_recipe, shared_data_dir, write_jsonl
 from datasets import Dataset
 
+from sftmix_trl.adapter import check_adapter, load_with_adapter
 from sftmix_trl.configs import ModelArguments, parse_args
 from sftmix_trl.evaluation import (
     TASKS,
     EvalArguments,
     EvalError,
-    check_adapter,
     check_punkt,
     continuation_log_probs,
     evaluate,
     load_choice_file,
-    load_eval_model,
     load_ifeval,
     load_mmlu,
     load_pubmedqa,
@@ -554,8 +553,8 @@ def test_adapter_is_applied_on_a_4bit_base_with_the_repack_guard(tiny_model, ada
     from bitsandbytes.nn import Linear4bit
 
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=True)
-    base = load_eval_model(model_args)
-    tuned = load_eval_model(model_args, str(adapter))
+    base = load_with_adapter(model_args)
+    tuned = load_with_adapter(model_args, str(adapter))
     layers = [m for m in tuned.modules() if isinstance(m, Linear4bit)]
     assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
     assert not tuned.training
@@ -733,11 +732,11 @@ def test_evaluation_max_length_that_leaves_no_scored_token_is_refused_before_loa
 def test_this_packages_tasks_through_lm_eval_score_as_computed_by_hand(tiny_model, tiny_tokenizer, tmp_path):
     """lm-eval's `HFLM` on the model built here: every option's log-likelihood is the one a forward pass gives (the
     prompt in the benchmark's format, the option after one space), the prediction its argmax, the figures the mean;
-    IFEval's responses are the greedy replies through the chat template (`sftmix_trl.generate`, batched apart)."""
+    IFEval's responses are the greedy replies through the chat template (`sftmix_trl.after_training.generate`, batched apart)."""
     from transformers import LlamaForCausalLM
 
+    from sftmix_trl.after_training.generate import generate_replies
     from sftmix_trl.evaluation.ifeval import load_ifeval
-    from sftmix_trl.generate import generate_replies
 
     have_nltk = NLTK_DATA is not None and NLTK_DATA.is_dir()
     if have_nltk:
@@ -771,7 +770,7 @@ def test_this_packages_tasks_through_lm_eval_score_as_computed_by_hand(tiny_mode
         prompts = load_ifeval(data["ifeval_data"])
         conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
         tokenizer = load_tokenizer(model_args)
-        responses = generate_replies(load_eval_model(model_args), tokenizer, conversations, 12, batch_size=1)
+        responses = generate_replies(load_with_adapter(model_args), tokenizer, conversations, 12, batch_size=1)
         assert [r["response"] for r in read_jsonl(tmp_path / "out" / "samples_ifeval.jsonl")] == responses
         metrics, _ = score_ifeval(prompts, responses)
         assert {k: results["ifeval"][k] for k in metrics} == metrics

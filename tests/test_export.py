@@ -17,8 +17,15 @@ import torch
 from conftest import DEMO_DATA, ROOT
 from test_evaluation import make_adapter
 
-from sftmix_trl.export import ExportArguments, ExportError, export, gguf_metadata, held_out_data, stop_strings
-from sftmix_trl.llama_cpp import LlamaCppError, find_llama_cpp
+from sftmix_trl.after_training.export import (
+    ExportArguments,
+    ExportError,
+    export,
+    gguf_metadata,
+    held_out_data,
+    stop_strings,
+)
+from sftmix_trl.after_training.llama_cpp import LlamaCppError, find_llama_cpp
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +190,7 @@ def test_no_converter_and_no_network_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_the_check_data_defaults_to_the_run_held_out_split(smol_tiny, tmp_path):
     from sftmix_trl.configs import ScriptArguments
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

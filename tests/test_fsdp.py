@@ -1,6 +1,6 @@
 """The Mixup loss through FSDP: `SFTMixTrainer.compute_loss` on an FSDP-wrapped model (2 CPU processes, gloo) gives
 the loss and the update of the bare model, for FSDP1 (the shipped `fsdp_qlora.yaml`, with a 4-bit base too) and FSDP2;
-and the trainer's final save (`save_model`, as `runs.train_save_publish` calls it) under the shipped
+and the trainer's final save (`save_model`, as `after_training.save.train_save_publish` calls it) under the shipped
 SHARDED_STATE_DICT writes the adapter that one process writes after the same step.
 
 accelerate builds FSDP only on accelerators (on a CPU it falls back to DDP), so the worker wraps the model with
@@ -36,8 +36,8 @@ def worker(model_path: str, variant: str, out_dir: str) -> None:
     from sftmix_trl.confidence import ConfidenceTable
     from sftmix_trl.configs import ModelArguments
     from sftmix_trl.model import load_model
-    from sftmix_trl.sftmix_config import SFTMixConfig
-    from sftmix_trl.sftmix_trainer import SFTMixTrainer
+    from sftmix_trl.sftmix.config import SFTMixConfig
+    from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
     state = PartialState(cpu=True)  # the gloo group the trainer's accelerator and FSDP share
     torch.manual_seed(0)

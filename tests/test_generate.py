@@ -9,8 +9,14 @@ import torch
 from conftest import ROOT
 from test_evaluation import make_adapter
 
+from sftmix_trl.after_training.generate import (
+    GenerateArguments,
+    GenerateError,
+    generate,
+    generate_replies,
+    read_prompts,
+)
 from sftmix_trl.configs import ModelArguments
-from sftmix_trl.generate import GenerateArguments, GenerateError, generate, generate_replies, read_prompts
 from sftmix_trl.model import load_tokenizer
 
 PROMPTS = ["Name a colour.", "What helps a sore throat when it has lasted for a week?", "Hi"]

@@ -6,9 +6,9 @@ import huggingface_hub.utils
 import pytest
 import yaml
 
+from sftmix_trl.after_training.card import sftmix_card_sections
+from sftmix_trl.after_training.hub import PublishError, push_folder, redact, write_model_card
 from sftmix_trl.confidence import PLOT_FILE
-from sftmix_trl.hub import PublishError, push_folder, redact, write_model_card
-from sftmix_trl.model_card import sftmix_card_sections
 
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCd"  # 30 letters, the shape of a real token
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -8,13 +8,13 @@ import pytest
 from conftest import demo_argv, recipe_stop_message
 
 from sftmix_trl import SFTMixError
+from sftmix_trl.commands import confidence as confidence_recipe
+from sftmix_trl.commands import sft as sft_recipe
+from sftmix_trl.commands import sftmix as sftmix_recipe
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig, parse_args
 from sftmix_trl.launch_checks import check_before_writing, fsdp_version
-from sftmix_trl.recipes import confidence as confidence_recipe
-from sftmix_trl.recipes import sft as sft_recipe
-from sftmix_trl.recipes import sftmix as sftmix_recipe
 from sftmix_trl.runs import check_output_dir, resolve_resume
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 SFT_TYPES = (ScriptArguments, SFTConfig, ModelArguments)
 SFTMIX_TYPES = (ScriptArguments, SFTMixConfig, ModelArguments)

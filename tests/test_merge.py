@@ -12,10 +12,8 @@ import torch
 from conftest import DEMO_DATA, ROOT
 from test_evaluation import make_adapter
 
-from sftmix_trl.chat_templates import training_chat_template
-from sftmix_trl.evaluation import EvalError
-from sftmix_trl.evaluation.modeling import load_eval_model
-from sftmix_trl.merge import (
+from sftmix_trl.adapter import load_with_adapter
+from sftmix_trl.after_training.merge import (
     MergeArguments,
     MergedModel,
     MergeError,
@@ -23,6 +21,8 @@ from sftmix_trl.merge import (
     serving_chat_template,
     strip_generation_markers,
 )
+from sftmix_trl.chat_templates import training_chat_template
+from sftmix_trl.evaluation import EvalError
 from sftmix_trl.run_record import run_compute_dtype, trained_model_arguments
 
 
@@ -231,7 +231,7 @@ def test_dequantized_target_is_the_trained_model_and_original_is_off_by_the_quan
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     trained_as, recorded = trained_model_arguments(str(qlora_run), str(tiny_model))
     assert recorded and trained_as.load_in_4bit and trained_as.dtype == "float32"
-    trained = logits(load_eval_model(trained_as, str(qlora_run)), tokenizer)  # 4-bit base + adapter, as trained
+    trained = logits(load_with_adapter(trained_as, str(qlora_run)), tokenizer)  # 4-bit base + adapter, as trained
     dequantized = AutoModelForCausalLM.from_pretrained(both_targets["dequantized"])
     original = AutoModelForCausalLM.from_pretrained(both_targets["original"])
     assert dequantized.dtype == torch.float32 and not dequantized.config.to_dict().get("quantization_config")

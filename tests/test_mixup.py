@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sftmix_trl import mixup_loss
-from sftmix_trl.mixup import count_mixed_positions, mixed_position_masks, naive_mixup_loss
+from sftmix_trl.sftmix.mixup import count_mixed_positions, mixed_position_masks, naive_mixup_loss
 
 
 def random_batch(k=8, t=23, d=16, v=50, seed=0, dtype=torch.float64, empty_pairs=(2,)):

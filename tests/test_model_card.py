@@ -6,9 +6,9 @@ import sys
 
 from conftest import ROOT
 
-from sftmix_trl import hub
+from sftmix_trl.after_training import hub
 from sftmix_trl.configs import ModelArguments
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 
 def _card(tmp_path, **overrides) -> str:
@@ -73,7 +73,7 @@ def test_reproduce_line_without_accelerate_names_the_command(monkeypatch):
 
 def test_reproduce_line_under_accelerate_has_the_config_file(tmp_path):
     script = tmp_path / "line.py"
-    script.write_text("from sftmix_trl.hub import launch_line\nprint('LINE', launch_line('sft.py'))\n")
+    script.write_text("from sftmix_trl.after_training.hub import launch_line\nprint('LINE', launch_line('sft.py'))\n")
     config = ROOT / "accelerate_configs" / "cpu.yaml"
     cmd = [
         sys.executable,

@@ -27,13 +27,13 @@ from sftmix_trl.confidence import (
     score_perplexities,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import EXAMPLE_ID, DataError, example_fingerprint, has_multi_turn, load_datasets
-from sftmix_trl.data_checks import check_training_data
-from sftmix_trl.mixup import mixed_position_masks
+from sftmix_trl.data.checks import check_training_data
+from sftmix_trl.data.load import EXAMPLE_ID, DataError, example_fingerprint, has_multi_turn, load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.sampler import PairedSampler
-from sftmix_trl.sftmix_config import SFTMixConfig
-from sftmix_trl.sftmix_trainer import SFTMixTrainer
+from sftmix_trl.sftmix.config import SFTMixConfig
+from sftmix_trl.sftmix.mixup import mixed_position_masks
+from sftmix_trl.sftmix.sampler import PairedSampler
+from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
 ALPACA = str(ROOT / "configs" / "templates" / "alpaca.jinja")
 SMOLLM2 = Path("~/.cache/sftmix-trl/SmolLM2-135M-Instruct").expanduser()

@@ -11,7 +11,7 @@ import pytest
 
 from sftmix_trl.confidence import ConfidenceTable
 from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data.load import load_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import overfit_study as study  # noqa: E402

@@ -15,20 +15,13 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftmix_trl.confidence.reference import _reference_args
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data import load_datasets
-from sftmix_trl.mixup import IGNORE_INDEX, count_mixed_positions, mixed_position_masks
+from sftmix_trl.data.load import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.padding_free import (
-    PaddingFreeError,
-    TruncatingSFTTrainer,
-    check_attention,
-    mixed_flat_positions,
-    sequence_lengths,
-    trainable_attention,
-    unflatten,
-)
-from sftmix_trl.sftmix_config import SFTMixConfig
-from sftmix_trl.sftmix_trainer import ROW, SFTMixTrainer
+from sftmix_trl.sft_trainer import PaddingFreeError, TruncatingSFTTrainer, check_attention, trainable_attention
+from sftmix_trl.sftmix.config import SFTMixConfig
+from sftmix_trl.sftmix.mixup import IGNORE_INDEX, count_mixed_positions, mixed_position_masks
+from sftmix_trl.sftmix.padding_free import mixed_flat_positions, sequence_lengths, unflatten
+from sftmix_trl.sftmix.trainer import ROW, SFTMixTrainer
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sftmix_trl.plots import log_axis_ticks
+from sftmix_trl.confidence.plots import log_axis_ticks
 
 
 @pytest.mark.parametrize("low, high", [(9.0, 14.3), (10.01, 10.5), (1.2, 537.0), (3.0, 9.5), (1.0, 1e12)])
@@ -18,7 +18,7 @@ def test_confidence_plot_labels_no_minor_ticks(tmp_path, monkeypatch):
     import matplotlib.figure
 
     from sftmix_trl.confidence import ConfidenceTable
-    from sftmix_trl.plots import plot_confidence
+    from sftmix_trl.confidence.plots import plot_confidence
 
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))

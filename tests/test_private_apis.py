@@ -16,13 +16,13 @@ def source(obj) -> str:
     return inspect.getsource(obj)
 
 
-def check_tokenize():  # data_checks: a prompt's length as TRL tokenises it
+def check_tokenize():  # data.checks: a prompt's length as TRL tokenises it
     from trl.data_utils import _tokenize
 
     assert parameters(_tokenize)[:2] == ["processing_class", "input"]
 
 
-def check_prepare_dataset():  # data_checks.prepare_like_trl, padding_free.TruncatingSFTTrainer
+def check_prepare_dataset():  # data.checks.prepare_like_trl, sft_trainer.TruncatingSFTTrainer
     from trl import SFTTrainer
 
     assert parameters(SFTTrainer._prepare_dataset) == [
@@ -93,13 +93,13 @@ def check_bnb_4bit_quantize_convert():  # model.quantize_on
     assert parameters(Bnb4bitQuantize.convert)[:2] == ["self", "input_dict"]
 
 
-def check_attn_implementation():  # padding_free.check_attention reads the loaded model's attention
+def check_attn_implementation():  # sft_trainer.check_attention reads the loaded model's attention
     from transformers import PretrainedConfig
 
     assert isinstance(inspect.getattr_static(PretrainedConfig, "_attn_implementation"), property)
 
 
-def check_is_flash_attention_requested():  # padding_free.check_attention
+def check_is_flash_attention_requested():  # sft_trainer.check_attention
     from transformers.utils.generic import is_flash_attention_requested
 
     assert "requested_attention_implementation" in parameters(is_flash_attention_requested)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from sftmix_trl.confidence import ConfidenceTable
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.runs import launch
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 TINY = [  # small sizes on top of the demo YAMLs; the model path and output_dir are added per test
     "--max_train_examples",
@@ -385,7 +385,7 @@ def test_another_runs_output_dir_is_refused(tiny_model, tmp_path, monkeypatch):
 
 
 def test_a_run_that_saved_no_adapter_stops_with_one_line_before_success(tiny_model, tmp_path, monkeypatch):
-    from sftmix_trl.ntp_trainer import NTPTrainer
+    from sftmix_trl.sft_trainer import NTPTrainer
 
     # What transformers' own save did under FSDP's SHARDED_STATE_DICT: return without writing the adapter
     monkeypatch.setattr(NTPTrainer, "save_model", lambda self, output_dir=None, _internal_call=False: None)

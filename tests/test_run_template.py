@@ -10,11 +10,11 @@ import pytest
 from conftest import ROOT
 from test_evaluation import NLTK_DATA, make_adapter
 
+from sftmix_trl.after_training.generate import GenerateArguments, generate
 from sftmix_trl.configs import ModelArguments
 from sftmix_trl.evaluation import EvalArguments, evaluate
-from sftmix_trl.generate import GenerateArguments, generate
 from sftmix_trl.model import ModelLoadError, load_tokenizer, saved_tokenizer_folder
-from sftmix_trl.runs import save_tokenizer
+from sftmix_trl.after_training.save import save_tokenizer
 
 ALPACA = ROOT / "configs" / "templates" / "alpaca.jinja"
 PROMPT = "Name a colour."
@@ -68,16 +68,16 @@ def alpaca_render(tokenizer, prompt: str) -> str:
 
 
 def record_model_inputs(monkeypatch, module) -> list:
-    """Patch `module.load_eval_model` so that every token sequence the model embeds is recorded."""
+    """Patch `module.load_with_adapter` so that every token sequence the model embeds is recorded."""
     seen = []
-    original = module.load_eval_model
+    original = module.load_with_adapter
 
     def load_and_watch(*args, **kwargs):
         model = original(*args, **kwargs)
         model.get_input_embeddings().register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].clone()))
         return model
 
-    monkeypatch.setattr(module, "load_eval_model", load_and_watch)
+    monkeypatch.setattr(module, "load_with_adapter", load_and_watch)
     return seen
 
 

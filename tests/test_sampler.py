@@ -9,7 +9,7 @@ import torch
 from accelerate.data_loader import BatchSamplerShard, prepare_data_loader, skip_first_batches
 from torch.utils.data import BatchSampler, DataLoader
 
-from sftmix_trl.sampler import PairedSampler
+from sftmix_trl.sftmix.sampler import PairedSampler
 
 # Confident rows are even numbers and unconfident rows odd ones, so a row's subset can be read off the row itself.
 SIZES = [(10, 10), (23, 7), (7, 23), (1, 1), (1, 9), (9, 1), (12, 5)]

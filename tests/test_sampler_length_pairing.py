@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from trl import SFTTrainer
 
 from sftmix_trl.configs import ScriptArguments
-from sftmix_trl.data import load_datasets
-from sftmix_trl.sampler import PairedSampler, TokenBudgetBatchSampler, pack_pairs
+from sftmix_trl.data.load import load_datasets
+from sftmix_trl.sftmix.sampler import PairedSampler, TokenBudgetBatchSampler, pack_pairs
 
 
 def fake_lengths(num_rows: int, seed: int = 0) -> tuple[list[int], list[int]]:

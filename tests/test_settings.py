@@ -7,10 +7,10 @@ import pytest
 from conftest import demo_argv, recipe_stop_message
 
 from sftmix_trl import SFTMixError
+from sftmix_trl.commands import sft as sft_recipe
+from sftmix_trl.commands import sftmix as sftmix_recipe
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig, parse_args
-from sftmix_trl.recipes import sft as sft_recipe
-from sftmix_trl.recipes import sftmix as sftmix_recipe
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 
 def config(tmp_path, **overrides) -> SFTMixConfig:
@@ -44,7 +44,7 @@ def test_a_yaml_typo_in_a_choice_stops_the_parser_in_one_line(tmp_path):
 def test_the_paired_sampler_draws_from_data_seed_like_transformers_samplers(tiny_model, tmp_path):
     from test_sftmix_trainer import build, make_args
 
-    from sftmix_trl.data import load_datasets
+    from sftmix_trl.data.load import load_datasets
 
     dataset = load_datasets(ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=16))[0]
     orders = {}

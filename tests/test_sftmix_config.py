@@ -10,7 +10,7 @@ import pytest
 
 from sftmix_trl import SFTMixError
 from sftmix_trl.confidence import ConfidenceConfig
-from sftmix_trl.sftmix_config import SFTMixConfig
+from sftmix_trl.sftmix.config import SFTMixConfig
 
 
 def own_fields(config_type: type) -> list[dataclasses.Field]:

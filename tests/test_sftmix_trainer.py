@@ -4,14 +4,14 @@ import torch
 from peft import get_peft_model_state_dict
 from trl import SFTTrainer
 
-import sftmix_trl.sftmix_trainer as trainer_module
+import sftmix_trl.sftmix.trainer as trainer_module
 from sftmix_trl.confidence import ConfidenceError, ConfidenceTable
 from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data.load import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.sampler import PairedSampler
-from sftmix_trl.sftmix_config import SFTMixConfig
-from sftmix_trl.sftmix_trainer import ROW, SFTMixTrainer
+from sftmix_trl.sftmix.config import SFTMixConfig
+from sftmix_trl.sftmix.sampler import PairedSampler
+from sftmix_trl.sftmix.trainer import ROW, SFTMixTrainer
 
 NUM_EXAMPLES = 20
 

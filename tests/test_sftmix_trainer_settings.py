@@ -16,10 +16,10 @@ from sftmix_trl.confidence import (
     expected_metadata,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data.load import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
-from sftmix_trl.sftmix_config import SFTMixConfig, unsupported_parallelism
-from sftmix_trl.sftmix_trainer import SFTMixTrainer
+from sftmix_trl.sftmix.config import SFTMixConfig, unsupported_parallelism
+from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
 NUM_EXAMPLES = 10
 
@@ -163,7 +163,7 @@ def test_a_model_scaling_its_logits_by_output_multiplier_is_refused(tiny_model, 
 def test_mixup_token_share_counts_both_tokens_of_each_mixed_position(tiny_model, dataset, tmp_path):
     """Each mixed position consumes one response token of each sequence of its pair: the share of response tokens in
     the Mixup is 2 x mixed positions / response tokens (the old `mixed_token_fraction` could never pass 0.5)."""
-    from sftmix_trl.mixup import count_mixed_positions
+    from sftmix_trl.sftmix.mixup import count_mixed_positions
 
     trainer = build(tiny_model, dataset, make_args(tmp_path))
     trainer.model.train()

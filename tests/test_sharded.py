@@ -7,7 +7,7 @@ import torch
 
 import sftmix_trl.sharded as sharded
 from sftmix_trl.configs import ScriptArguments
-from sftmix_trl.data import load_datasets
+from sftmix_trl.data.load import load_datasets
 
 
 def test_mixup_head_shape_is_logged_as_the_loss_sees_it(tiny_model, tmp_path, monkeypatch, caplog):

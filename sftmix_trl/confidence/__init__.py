@@ -19,24 +19,24 @@ Everything lands in one folder (`confidence_dir`):
     confidence.parquet            the table: example_id, ppl_<c>..., confidence, subset, num_response_tokens
     metadata.json                 run.json plus exclusions, times and throughput
     confidence.png                the picture to look at before training
-    report.parquet, report.md     the data report (`sftmix_trl.data_report`): the most suspicious examples first,
+    report.parquet, report.md     the data report (`sftmix_trl.confidence.report`): the most suspicious examples first,
     data_map.png                  with their text, and confidence against variability coloured by prompt fit
 
 A run killed at any point and started again redoes only what is missing. Writes are atomic (temporary file, then
 rename), so a file that exists is complete.
 """
 
-from .config import ConfidenceConfig
-from .reference import compute_confidence, snapshot_steps
-from .scoring import ScoringStats, length_grouped_batches, score_perplexities
-from .table import (
+from sftmix_trl.confidence.config import ConfidenceConfig
+from sftmix_trl.confidence.reference import compute_confidence, snapshot_steps
+from sftmix_trl.confidence.scoring import ScoringStats, length_grouped_batches, score_perplexities
+from sftmix_trl.confidence.table import (
     CONFIDENT,
     DATA_KEYS,
     LABEL_KEYS,
     METADATA_DEFAULTS,
     METADATA_FILE,
     PLOT_FILE,
-    RUN_FILE,
+    SETTINGS_FILE,
     TABLE_FILE,
     UNCONFIDENT,
     ConfidenceError,
@@ -55,7 +55,7 @@ __all__ = [
     "METADATA_DEFAULTS",
     "METADATA_FILE",
     "PLOT_FILE",
-    "RUN_FILE",
+    "SETTINGS_FILE",
     "TABLE_FILE",
     "UNCONFIDENT",
     "ConfidenceConfig",

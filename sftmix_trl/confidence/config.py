@@ -80,7 +80,7 @@ class ConfidenceConfig:
     confident_fraction: float = field(
         default=0.5, metadata={"help": "Share of the examples put in the confident subset (0.5: a median split)."}
     )
-    # -- data report (sftmix_trl/data_report.py): none of these changes the table (table.REPORT_FIELDS) ------------
+    # -- data report (sftmix_trl/confidence/report.py): none of these changes the table (table.REPORT_FIELDS) ------------
     data_report: bool = field(
         default=True,
         metadata={

@@ -20,17 +20,18 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from ..atomic import atomic_write
-from ..data import EXAMPLE_ID
-from ..sharded import load_adapter_state, save_adapter, scoring_module
-from .config import ConfidenceConfig
-from .scoring import score_perplexities
-from .snapshots import load_snapshot
-from .table import (
+from sftmix_trl import __version__
+from sftmix_trl.atomic import atomic_write
+from sftmix_trl.confidence.config import ConfidenceConfig
+from sftmix_trl.confidence.plots import plot_confidence
+from sftmix_trl.confidence.report import report_pending, run_data_report
+from sftmix_trl.confidence.scoring import score_perplexities
+from sftmix_trl.confidence.snapshots import load_snapshot
+from sftmix_trl.confidence.table import (
     DATA_KEYS,
     METADATA_DEFAULTS,
     PLOT_FILE,
-    RUN_FILE,
+    SETTINGS_FILE,
     TABLE_FILE,
     ConfidenceError,
     ConfidenceTable,
@@ -38,6 +39,11 @@ from .table import (
     expected_metadata,
     scores_all_turns,
 )
+from sftmix_trl.configs import SFTConfig
+from sftmix_trl.data.load import EXAMPLE_ID
+from sftmix_trl.model import load_model, load_tokenizer, lora_config
+from sftmix_trl.sft_trainer import TruncatingSFTTrainer
+from sftmix_trl.sharded import load_adapter_state, save_adapter, scoring_module
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +104,6 @@ def _scoring_model(trainer):
 
 def _reference_args(training_args, config: ConfidenceConfig, output_dir: Path):
     """The reference run's `SFTConfig`: the user's settings with the reference's own schedule and no checkpoints."""
-    from ..configs import SFTConfig
 
     values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
     values.update(
@@ -123,8 +128,6 @@ def _versions() -> dict:
     import transformers
     import trl
 
-    from .. import __version__
-
     return {
         "sftmix_trl": __version__,
         "torch": torch.__version__,
@@ -146,18 +149,16 @@ def compute_confidence(
     """Run (or resume, or reuse) the reference pass and return the confidence table.
 
     Args:
-        train_dataset: normalised training data with an `example_id` column (`sftmix_trl.data.load_datasets`).
+        train_dataset: normalised training data with an `example_id` column (`sftmix_trl.data.load.load_datasets`).
         model_args: `ModelArguments` of the model being trained; the reference uses its base unless
             `config.reference_model_name_or_path` names another.
         training_args: the run's `SFTConfig`/`SFTMixConfig` (precision, max length, seed, logging are shared).
         config: the reference pass settings.
         confidence_dir: folder of the artifact (see the package docstring).
         must_exist: only load (and check) a finished table; never train a reference.
-        prepared: `train_dataset` already prepared for the reference's tokenizer (`data_checks.check_sftmix_data`'s
+        prepared: `train_dataset` already prepared for the reference's tokenizer (`data.checks.check_sftmix_data`'s
             `reference_train`), so that it is not tokenised again; None: the reference's trainer prepares it.
     """
-    from ..data_report import report_pending, run_data_report
-    from ..model import load_tokenizer
 
     directory = Path(confidence_dir)
     if len(train_dataset) < 2:
@@ -230,19 +231,19 @@ def _reuse_table(directory: Path, expected: dict, config: ConfidenceConfig, must
 
 def _claim(directory: Path, expected: dict) -> None:
     """Refuse a half-finished run of other settings in `directory`, then record this run's (`run.json`)."""
-    if (directory / RUN_FILE).is_file():
-        check_metadata(expected, {**METADATA_DEFAULTS, **json.loads((directory / RUN_FILE).read_text())}, directory)
+    if (directory / SETTINGS_FILE).is_file():
+        check_metadata(
+            expected, {**METADATA_DEFAULTS, **json.loads((directory / SETTINGS_FILE).read_text())}, directory
+        )
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process:
-        atomic_write(directory / RUN_FILE, json.dumps(expected, indent=2, default=str))
+        atomic_write(directory / SETTINGS_FILE, json.dumps(expected, indent=2, default=str))
 
 
 def _reference_trainer(train_dataset, prepared, reference_args, training_args, config, tokenizer, directory: Path):
     """The reference's trainer (TRL's SFTTrainer; with padding_free, truncated to max_length as the padded path is)
     and its snapshot callback."""
-    from ..model import load_model, lora_config
-    from ..padding_free import TruncatingSFTTrainer
 
     snapshots = _SnapshotCallback(directory / "snapshots", config.num_confidence_checkpoints)
     reference_training_args = _reference_args(training_args, config, directory)
@@ -355,7 +356,6 @@ def _build_table(
 
 def _write_table(table: ConfidenceTable, directory: Path) -> None:
     """The table, its metadata and its picture, written by the main process; every process waits for them."""
-    from ..plots import plot_confidence
 
     state = PartialState()
     if state.is_main_process:

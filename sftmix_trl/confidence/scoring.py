@@ -14,8 +14,8 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..distributed import gather_by_index
-from ..sharded import causal_lm, lm_head
+from sftmix_trl.distributed import gather_by_index
+from sftmix_trl.sharded import causal_lm, lm_head
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .table import ConfidenceError
+from sftmix_trl.confidence.table import ConfidenceError
 
 
 def load_snapshot(directory: Path) -> dict[str, torch.Tensor]:

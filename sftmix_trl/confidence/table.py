@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from ..atomic import atomic_write
-from ..data import EXAMPLE_ID, has_multi_turn
-from ..errors import SFTMixError
-from .config import ConfidenceConfig
+from sftmix_trl.atomic import atomic_write
+from sftmix_trl.confidence.config import ConfidenceConfig
+from sftmix_trl.data.load import EXAMPLE_ID, has_multi_turn
+from sftmix_trl.errors import DataError, SFTMixError
 
 CONFIDENT, UNCONFIDENT = "confident", "unconfident"
-TABLE_FILE, METADATA_FILE, RUN_FILE, PLOT_FILE = "confidence.parquet", "metadata.json", "run.json", "confidence.png"
+# SETTINGS_FILE: the settings a stage-1 folder was claimed for (the run's own record is `runs.RUN_FILE`, sftmix_run.json)
+TABLE_FILE, METADATA_FILE, SETTINGS_FILE, PLOT_FILE = (
+    "confidence.parquet",
+    "metadata.json",
+    "run.json",
+    "confidence.png",
+)
 
 
 class ConfidenceError(SFTMixError):
@@ -97,6 +104,48 @@ def split_confidence(
     order = sorted(range(n), key=lambda i: (-float(confidence[i]), example_ids[i]))
     num_confident = min(max(int(confident_fraction * n), 1), n - 1)
     return [example_ids[i] for i in order[:num_confident]], [example_ids[i] for i in order[num_confident:]]
+
+
+def reference_steps(num_examples: int, training_args, config: ConfidenceConfig) -> int:
+    """Optimizer steps of the stage-1 reference run, as transformers' Trainer counts them (one epoch = the batches
+    of one process, each process holding ceil(batches / processes))."""
+    batches = math.ceil(num_examples / config.reference_batch_size)
+    per_process = math.ceil(batches / training_args.world_size)
+    accumulation = config.reference_gradient_accumulation_steps
+    per_epoch = max(per_process // accumulation + int(per_process % accumulation > 0), 1)
+    return math.ceil(config.reference_epochs * per_epoch)
+
+
+def check_counts(
+    num_reference: int,
+    num_train: int | None,
+    training_args,
+    config: ConfidenceConfig,
+    table_dir: str | os.PathLike | None,
+    table_given: bool = False,
+) -> None:
+    """Before any write, one `DataError` line when the prepared data is too small for SFTMix: the reference run
+    (`num_reference` prepared examples) needs at least `num_confidence_checkpoints` optimizer steps, unless a finished
+    table already lies in `table_dir` or the run only reads one (`table_given`); with `num_train` (stage 2's prepared
+    examples), each half of the split needs the `pairs_per_device` pairs of a micro-batch."""
+    has_table = table_given or (table_dir is not None and (Path(table_dir) / TABLE_FILE).is_file())
+    steps = reference_steps(num_reference, training_args, config)
+    if not has_table and steps < config.num_confidence_checkpoints:
+        raise DataError(
+            f"the confidence reference run has {steps} optimizer step(s) on {num_reference} examples, fewer than "
+            f"num_confidence_checkpoints={config.num_confidence_checkpoints}; add data, or lower "
+            "`reference_batch_size` or `num_confidence_checkpoints`"
+        )
+    if num_train is None:
+        return
+    ids = [str(i) for i in range(num_train)]  # the split's sizes depend only on the count
+    confident, unconfident = split_confidence(ids, [0.0] * num_train, config.confident_fraction)
+    if min(len(confident), len(unconfident)) < training_args.pairs_per_device:
+        raise DataError(
+            f"the confidence split of {num_train} trainable examples gives {len(confident)} confident and "
+            f"{len(unconfident)} unconfident, fewer than the {training_args.pairs_per_device} pairs of a micro-batch; "
+            "lower `per_device_train_batch_size` or add data"
+        )
 
 
 def dataset_fingerprint(example_ids: list[str]) -> str:

@@ -2,16 +2,16 @@
 
 `evaluate(EvalArguments, ModelArguments)` runs it all (every task but perplexity through lm-eval-harness, see
 `harness`) and writes the results; `recipes/evaluate.py` is its launcher. The pieces are public for other uses:
-`score_ifeval` scores any responses, `response_perplexity` any normalised dataset, `check_adapter` any adapter folder.
+`score_ifeval` scores any responses, `response_perplexity` any normalised dataset.
 """
 
-from .args import MMLU_MEDICAL_SUBJECTS, TASKS, EvalArguments
-from .choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
-from .errors import EvalError
-from .ifeval import IFEvalPrompt, check_punkt, load_ifeval, match_responses, score_ifeval
-from .modeling import check_adapter, continuation_log_probs, load_eval_model
-from .perplexity import load_perplexity_data, response_perplexity
-from .runner import evaluate
+from sftmix_trl.errors import EvalError
+from sftmix_trl.evaluation.args import MMLU_MEDICAL_SUBJECTS, TASKS, EvalArguments
+from sftmix_trl.evaluation.choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
+from sftmix_trl.evaluation.ifeval import IFEvalPrompt, check_punkt, load_ifeval, match_responses, score_ifeval
+from sftmix_trl.evaluation.modeling import continuation_log_probs
+from sftmix_trl.evaluation.perplexity import load_perplexity_data, response_perplexity
+from sftmix_trl.evaluation.runner import evaluate
 
 __all__ = [
     "MMLU_MEDICAL_SUBJECTS",
@@ -20,12 +20,10 @@ __all__ = [
     "EvalArguments",
     "EvalError",
     "IFEvalPrompt",
-    "check_adapter",
     "check_punkt",
     "continuation_log_probs",
     "evaluate",
     "load_choice_file",
-    "load_eval_model",
     "load_ifeval",
     "load_mmlu",
     "load_perplexity_data",

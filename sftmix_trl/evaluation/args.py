@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..data import ASSISTANT_TURNS
-from .errors import EvalError
+from sftmix_trl.data.load import ASSISTANT_TURNS
+from sftmix_trl.errors import EvalError
+from sftmix_trl.evaluation.harness import check_task_names
 
 MMLU_MEDICAL_SUBJECTS = (
     "anatomy",
@@ -218,6 +219,5 @@ def validate_tasks(tasks: list[str]) -> None:
         )
     if len(set(tasks)) < len(tasks):
         raise EvalError(f"task list {tasks} names a task twice")
-    from .harness import check_task_names
 
     check_task_names(tasks, TASKS)

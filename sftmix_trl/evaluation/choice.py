@@ -23,8 +23,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataSource, read_source
-from .errors import EvalError
+from sftmix_trl.data.load import DataSource, read_source
+from sftmix_trl.errors import EvalError
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from accelerate import Accelerator, PartialState
 
-from .errors import EvalError
+from sftmix_trl.errors import EvalError
 
 if TYPE_CHECKING:  # `args` validates task names through this module: a type-only import keeps the graph acyclic
-    from .args import EvalArguments
+    from sftmix_trl.evaluation.args import EvalArguments
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import DataSource, read_source
-from .errors import EvalError
+from sftmix_trl.data.load import DataSource, read_source
+from sftmix_trl.errors import EvalError
 
 IFEVAL_HUB_ID = "google/IFEval"
 IFEVAL_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")

@@ -14,10 +14,11 @@ import math
 import torch
 from datasets import Dataset
 
-from ..configs import ScriptArguments
-from ..data import load_datasets
-from .errors import EvalError
-from .modeling import continuation_log_probs
+from sftmix_trl.configs import ScriptArguments
+from sftmix_trl.data.load import load_datasets
+from sftmix_trl.errors import EvalError
+from sftmix_trl.evaluation.modeling import continuation_log_probs
+from sftmix_trl.run_record import run_script_arguments
 
 
 def load_perplexity_data(
@@ -29,7 +30,7 @@ def load_perplexity_data(
     limit: int | None = None,
     turns: str = "all",
 ) -> Dataset:
-    """Examples read by `sftmix_trl.data` (any source and format it reads); with `held_out`, only that split.
+    """Examples read by `sftmix_trl.data.load` (any source and format it reads); with `held_out`, only that split.
     `turns`: "all" scores every assistant reply of a conversation, "last" only its last (earlier turns context)."""
     args = ScriptArguments(
         dataset_name=path,
@@ -47,7 +48,6 @@ def load_run_held_out(config: dict, limit: int | None = None) -> Dataset | None:
     """The held-out split a training run evaluated on, re-read from the data settings it recorded (the `config` of
     its `sftmix_run.json`) through the same loader: the same sources, seed and split give the same examples. None
     when the run held none out. Relative data paths are read from the current folder, as the run read them."""
-    from ..run_record import run_script_arguments
 
     args = run_script_arguments(config)
     if not args.eval_split_size:

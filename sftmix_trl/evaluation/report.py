@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
+from sftmix_trl.atomic import atomic_write
 
 RESULTS_JSON = "eval_results.json"
 RESULTS_MD = "eval_results.md"

@@ -11,15 +11,15 @@ from datetime import datetime, timezone
 import torch
 from accelerate import PartialState
 
-from ..configs import ModelArguments
-from ..model import load_tokenizer, saved_tokenizer_folder
-from ..runs import run_config
-from . import harness
-from .args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
-from .ifeval import check_punkt
-from .modeling import check_adapter, load_eval_model
-from .perplexity import load_perplexity_data, response_perplexity
-from .report import device_name, package_versions, write_outputs
+from sftmix_trl.adapter import check_adapter, load_with_adapter
+from sftmix_trl.configs import ModelArguments
+from sftmix_trl.evaluation import harness
+from sftmix_trl.evaluation.args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
+from sftmix_trl.evaluation.ifeval import check_punkt
+from sftmix_trl.evaluation.perplexity import load_perplexity_data, response_perplexity
+from sftmix_trl.evaluation.report import device_name, package_versions, write_outputs
+from sftmix_trl.model import load_tokenizer, saved_tokenizer_folder
+from sftmix_trl.runs import run_config
 
 logger = logging.getLogger(__name__)
 ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
@@ -105,7 +105,7 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
     data = load_task_data(eval_args)
     adapter_config = check_adapter(eval_args.adapter_path, model_args, trust) if eval_args.adapter_path else None
     tokenizer = load_tokenizer(model_args, trust, eval_args.chat_template_path, adapter_path=eval_args.adapter_path)
-    model = load_eval_model(model_args, eval_args.adapter_path, trust)
+    model = load_with_adapter(model_args, eval_args.adapter_path, trust)
 
     results, samples, seconds = {}, {}, {}
     if "perplexity" in data:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from datasets import Dataset, DatasetDict
 
+from sftmix_trl.errors import EvalError
 from sftmix_trl.evaluation.args import MMLU_MEDICAL_SUBJECTS
 from sftmix_trl.evaluation.choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
-from sftmix_trl.evaluation.errors import EvalError
 from sftmix_trl.evaluation.ifeval import load_ifeval
 
 

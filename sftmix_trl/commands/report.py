@@ -1,0 +1,48 @@
+"""The data report of an existing stage-1 table: every example's text, confidence, variability and prompt fit, ranked
+by how suspicious it is (report.parquet, report.md, data_map.png beside the table).
+
+sftmix-trl report --config configs/demo/sftmix_qlora.yaml [--prompt_fit_model reference] [--report_top_k 50]
+python recipes/report.py --config my.yaml
+
+Reads the YAML of the run that computed the table. Trains nothing: it runs the prompt-fit passes (or reuses their
+cached scores) and rewrites the report files, so a changed `report_top_k` or `exclude_suspicious_fraction` costs
+seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftmix_trl.confidence import TABLE_FILE, ConfidenceConfig, ConfidenceError, compute_confidence
+from sftmix_trl.confidence.report import REPORT_PAGE, REPORT_TABLE
+from sftmix_trl.configs import ModelArguments, ScriptArguments
+from sftmix_trl.data.prepare import prepare_run_data
+from sftmix_trl.runs import launch, setup_logging
+from sftmix_trl.sftmix.config import SFTMixConfig
+
+ARGUMENTS = (ScriptArguments, SFTMixConfig, ModelArguments)
+
+
+def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: ModelArguments) -> None:
+    setup_logging(training_args)
+    directory = Path(training_args.confidence_table or training_args.confidence_dir)
+    if not (directory / TABLE_FILE).is_file():
+        raise ConfidenceError(
+            f"no confidence table in {directory}: run stage 1 first (`sftmix-trl confidence --config ...`)"
+        )
+    config = ConfidenceConfig.from_args(training_args)
+    config.data_report = True
+    # The data as the run that wrote the table prepared it: same examples, same scored tokens, same template
+    data = prepare_run_data(script_args, training_args, model_args, confidence_config=config).data
+    if training_args.should_save:
+        (directory / REPORT_TABLE).unlink(missing_ok=True)  # written again last: the report is then complete
+    compute_confidence(data.examples, model_args, training_args, config, directory, prepared=data.reference_train)
+    print(f"data report: {directory / REPORT_PAGE}")
+
+
+def run() -> None:
+    launch(main, ARGUMENTS)
+
+
+if __name__ == "__main__":
+    run()
