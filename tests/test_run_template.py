@@ -11,10 +11,10 @@ from conftest import ROOT
 from test_evaluation import NLTK_DATA, make_adapter
 
 from sftmix_trl.after_training.generate import GenerateArguments, generate
+from sftmix_trl.after_training.save import save_tokenizer
 from sftmix_trl.configs import ModelArguments
 from sftmix_trl.evaluation import EvalArguments, evaluate
 from sftmix_trl.model import ModelLoadError, load_tokenizer, saved_tokenizer_folder
-from sftmix_trl.after_training.save import save_tokenizer
 
 ALPACA = ROOT / "configs" / "templates" / "alpaca.jinja"
 PROMPT = "Name a colour."
@@ -159,3 +159,19 @@ def test_evaluate_asks_ifeval_and_scores_perplexity_in_the_runs_template(case, b
     assert asked == alpaca_render(tokenizer, PROMPT)
     assert payload["model"]["tokenizer"] == str(runs[case])
     assert payload["model"]["chat_template"] == ALPACA.read_text()
+
+
+def test_evaluate_with_only_an_adapter_uses_the_base_it_records(bases, runs, tmp_path):
+    """`sftmix-trl evaluate --adapter_path A`, as `generate` and `merge` take it: the base is the adapter's own."""
+    qa = [{"instruction": "Say yes.", "input": "", "output": "Yes."}]
+    (tmp_path / "qa.json").write_text(json.dumps(qa))
+    model_args = ModelArguments(load_in_4bit=False)
+    args = EvalArguments(
+        tasks=["perplexity"],
+        adapter_path=str(runs["own template"]),
+        perplexity_data=str(tmp_path / "qa.json"),
+        output_dir=str(tmp_path / "out"),
+    )
+    payload = evaluate(args, model_args)
+    assert payload["model"]["model_name_or_path"] == str(bases["own template"])
+    assert payload["results"]["perplexity"]["n"] == 1

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import torch
 from accelerate import PartialState
 
-from sftmix_trl.adapter import check_adapter, load_with_adapter
+from sftmix_trl.adapter import adapter_base, check_adapter, load_with_adapter
 from sftmix_trl.configs import ModelArguments
 from sftmix_trl.evaluation import harness
 from sftmix_trl.evaluation.args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
@@ -103,6 +103,8 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
     if "ifeval" in eval_args.tasks:
         check_punkt()
     data = load_task_data(eval_args)
+    if eval_args.adapter_path and not model_args.model_name_or_path:  # the base the adapter records, as generate
+        model_args.model_name_or_path = adapter_base(eval_args.adapter_path)
     adapter_config = check_adapter(eval_args.adapter_path, model_args, trust) if eval_args.adapter_path else None
     tokenizer = load_tokenizer(model_args, trust, eval_args.chat_template_path, adapter_path=eval_args.adapter_path)
     model = load_with_adapter(model_args, eval_args.adapter_path, trust)
