@@ -101,9 +101,9 @@ def test_the_runs_tokenizer_comes_from_the_adapter_folder_unless_overridden(base
 
 @pytest.mark.parametrize("case", ["no template", "own template"])
 def test_generate_asks_in_the_template_the_run_trained_with(case, bases, runs, monkeypatch):
-    from sftmix_trl.evaluation import modeling
+    from sftmix_trl.after_training import generate as generate_module
 
-    seen = record_model_inputs(monkeypatch, modeling)
+    seen = record_model_inputs(monkeypatch, generate_module)
     model_args = ModelArguments(model_name_or_path=str(bases[case]), load_in_4bit=False)
     args = GenerateArguments(adapter_path=str(runs[case]), prompt=[PROMPT], max_new_tokens=2)
     (record,) = generate(args, model_args)
@@ -113,10 +113,10 @@ def test_generate_asks_in_the_template_the_run_trained_with(case, bases, runs, m
 
 
 def test_generate_takes_a_chat_template_path(bases, runs, tmp_path, monkeypatch):
-    from sftmix_trl.evaluation import modeling
+    from sftmix_trl.after_training import generate as generate_module
 
     (tmp_path / "plain.jinja").write_text(PLAIN)
-    seen = record_model_inputs(monkeypatch, modeling)
+    seen = record_model_inputs(monkeypatch, generate_module)
     model_args = ModelArguments(model_name_or_path=str(bases["no template"]), load_in_4bit=False)
     args = GenerateArguments(
         adapter_path=str(runs["no template"]),
