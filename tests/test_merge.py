@@ -297,3 +297,17 @@ def test_the_trained_model_is_built_from_the_run_record_and_flags_that_contradic
     with caplog.at_level("WARNING"):
         args, _ = trained_model_arguments(str(adapter), str(tiny_model), {"bnb_4bit_quant_type": "fp4"})
     assert args.bnb_4bit_quant_type == "fp4" and "overrides the run's recorded bnb_4bit_quant_type=nf4" in caplog.text
+
+
+def test_a_merge_that_wrote_no_card_stops_in_one_line_before_publishing(adapter, tmp_path, monkeypatch):
+    """What merge promises (weights, config, tokenizer, card, record) is checked before it reports or pushes."""
+    from sftmix_trl.after_training import merge as merge_module
+    from sftmix_trl.errors import SFTMixError
+
+    monkeypatch.setattr(merge_module, "write_merged_card", lambda *a, **k: None)
+    monkeypatch.setattr(merge_module, "push_folder", lambda *a, **k: pytest.fail("pushed an incomplete folder"))
+    args = MergeArguments(
+        adapter_path=str(adapter), output_dir=str(tmp_path / "m"), measure=False, push_to_hub=True, hub_model_id="o/m"
+    )
+    with pytest.raises(SFTMixError, match=r"^merge finished but wrote no README.md in .*m; nothing was published$"):
+        merge(args)

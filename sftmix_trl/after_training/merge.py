@@ -34,6 +34,7 @@ from sftmix_trl.configs import ModelArguments
 from sftmix_trl.evaluation.perplexity import load_perplexity_data, load_run_held_out, response_perplexity
 from sftmix_trl.model import ModelLoadError, _check_model_path, _resolve_dtype, load_model
 from sftmix_trl.run_record import method_of, quantisation_label, read_run_record, trained_model_arguments
+from sftmix_trl.runs import check_promised
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +463,10 @@ def merge(args: MergeArguments) -> Path:
         record.save(out)
         write_merged_card(str(out), record)
         logger.info("what the merge ships, held-out response perplexity:\n%s", merge_figures_table(record))
+    weights = (
+        "model.safetensors.index.json" if (out / "model.safetensors.index.json").is_file() else "model.safetensors"
+    )
+    check_promised(out, (weights, "config.json", "tokenizer_config.json", "README.md", MERGE_RECORD), "merge")
     if args.push_to_hub:
         logger.info("pushed to %s", push_folder(str(out), args.hub_model_id, private=args.hub_private_repo))
     return out

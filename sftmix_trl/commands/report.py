@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftmix_trl.confidence import TABLE_FILE, ConfidenceConfig, ConfidenceError, compute_confidence
-from sftmix_trl.confidence.report import REPORT_PAGE, REPORT_TABLE
+from sftmix_trl.confidence.report import DATA_MAP, REPORT_PAGE, REPORT_TABLE
 from sftmix_trl.configs import ModelArguments, ScriptArguments
 from sftmix_trl.data.prepare import prepare_run_data
-from sftmix_trl.runs import launch, setup_logging
+from sftmix_trl.runs import check_promised, launch, setup_logging
 from sftmix_trl.sftmix.config import SFTMixConfig
 
 ARGUMENTS = (ScriptArguments, SFTMixConfig, ModelArguments)
@@ -37,7 +37,9 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
     if training_args.should_save:
         (directory / REPORT_TABLE).unlink(missing_ok=True)  # written again last: the report is then complete
     compute_confidence(data.examples, model_args, training_args, config, directory, prepared=data.reference_train)
-    print(f"data report: {directory / REPORT_PAGE}")
+    if training_args.should_save:  # the process that wrote them
+        check_promised(directory, (REPORT_TABLE, REPORT_PAGE, DATA_MAP), "report")
+        print(f"data report: {directory / REPORT_PAGE}")
 
 
 def run() -> None:
