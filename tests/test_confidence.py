@@ -13,13 +13,12 @@ from sftmix_trl.confidence import (
     ConfidenceTable,
     check_metadata,
     compute_confidence,
-    length_grouped_batches,
-    score_perplexities,
     snapshot_steps,
     split_confidence,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments
 from sftmix_trl.data.load import load_datasets
+from sftmix_trl.perplexity import length_grouped_batches, score_perplexities
 from sftmix_trl.sftmix.config import SFTMixConfig
 
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from sftmix_trl.evaluation import (
     EvalArguments,
     EvalError,
     check_punkt,
-    continuation_log_probs,
     evaluate,
     load_choice_file,
     load_ifeval,
@@ -32,6 +30,7 @@ from sftmix_trl.evaluation import (
     response_perplexity,
     score_ifeval,
 )
+from sftmix_trl.evaluation.perplexity import render, scoring_rows
 from sftmix_trl.evaluation.runner import load_task_data, sample_items
 from sftmix_trl.model import load_tokenizer
 
@@ -202,58 +201,6 @@ def test_ifeval_scores_simple_responses(nltk_data):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Multiple choice
-
-
-class BigramModel(torch.nn.Module):
-    """A fake causal LM whose next-token logits depend only on the current token: table[token] (vocabulary V)."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = torch.nn.Parameter(table, requires_grad=False)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
-        logits = self.table[input_ids]
-        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
-
-
-def bigram_log_likelihood(table: torch.Tensor, context: list[int], continuation: list[int]) -> float:
-    sequence = context + continuation
-    log_probs = table.double().log_softmax(-1)
-    return sum(float(log_probs[sequence[len(context) + k - 1], token]) for k, token in enumerate(continuation))
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_model):
-    return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
-
-
-def test_one_token_continuations_of_a_context_share_its_forward_pass(tiny_tokenizer):
-    table = torch.randn(len(tiny_tokenizer), len(tiny_tokenizer), generator=torch.Generator().manual_seed(3))
-    rows_seen = []
-
-    class Counting(BigramModel):
-        def forward(self, input_ids, **kwargs):
-            rows_seen.append(len(input_ids))
-            return super().forward(input_ids, **kwargs)
-
-    first, second = [11, 12, 13], [21, 22]
-    requests = [(first, [40]), (first, [41]), (second, [40]), (first, [42]), (first, [40, 41]), (second, [43])]
-    log_probs = continuation_log_probs(Counting(table), requests, 8, 64, 0)
-    assert rows_seen == [3]  # first, second, and first + [40, 41]: not six rows
-    for (context, continuation), values in zip(requests, log_probs):
-        assert values.sum().item() == pytest.approx(bigram_log_likelihood(table, context, continuation), rel=1e-6)
-
-
-def test_long_requests_lose_the_start_of_their_context(tiny_tokenizer):
-    table = torch.randn(len(tiny_tokenizer), len(tiny_tokenizer), generator=torch.Generator().manual_seed(0))
-    context, continuation = list(range(10, 30)), [40, 41, 42]
-    (log_probs,) = continuation_log_probs(BigramModel(table), [(context, continuation)], 4, 8, 0)
-    assert log_probs.sum().item() == pytest.approx(bigram_log_likelihood(table, context[-5:], continuation))
-    assert len(log_probs) == 3
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Loaders
 
 
@@ -334,6 +281,11 @@ def test_pubmedqa_record_without_a_question_is_named(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Perplexity
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model):
+    return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
 
 
 def test_perplexity_equals_a_hand_computation(tiny_model, tiny_tokenizer):
@@ -441,22 +393,61 @@ def test_perplexity_of_a_conversation_longer_than_max_length_scores_each_reply_w
     assert samples[0]["tokens"] == full["tokens"]  # every reply token is still scored, on a shorter context
 
 
-def test_continuation_requests_that_start_the_next_share_its_row(tiny_model):
+def test_the_replies_of_a_conversation_that_fits_are_read_from_one_row():
+    ids = list(range(5, 25))
+    labels = [-100] * 4 + ids[4:9] + [-100] * 3 + ids[12:20]
+    assert scoring_rows(ids, [(4, 9), (12, 20)], max_length=64) == [(ids, labels)]
+    assert scoring_rows(ids, [(4, 9), (12, 20)], max_length=20) == [(ids, labels)]
+
+
+def test_replies_past_max_length_get_rows_of_their_own_their_context_cropped_from_the_start():
+    ids = list(range(5, 25))
+    # the first reply still fits whole; the second keeps the 8 tokens before it
+    assert scoring_rows(ids, [(4, 9), (12, 20)], max_length=16) == [
+        (ids[:9], [-100] * 4 + ids[4:9]),
+        (ids[4:20], [-100] * 8 + ids[12:20]),
+    ]
+    # a reply longer than max_length keeps one context token and loses its end
+    assert scoring_rows(ids, [(3, 20)], max_length=8) == [(ids[2:10], [-100] + ids[3:10])]
+
+
+@pytest.mark.parametrize("max_length", [10, 24, 100, 2048])
+def test_perplexity_of_a_conversation_scores_each_reply_on_the_last_max_length_tokens_it_can_see(
+    tiny_model, tiny_tokenizer, max_length
+):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
-    ids = list(range(5, 25))
-    requests = [(ids[:4], ids[4:9]), (ids[:12], ids[12:20]), (ids[:3], [7, 8])]  # the last one starts elsewhere
-    rows = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    example = {"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:]}
+    ids, spans = render(tiny_tokenizer, example)
+    nll = []
+    for start, end in spans:  # by hand: each reply under the longest window of max_length tokens that sees it
+        kept_end = min(end, start + max_length - 1)  # a reply longer than the window loses its end
+        window = 0 if end <= max_length else kept_end - max_length  # the context's start cropped
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids[window:kept_end]])).logits[0].log_softmax(-1)
+        nll += [-float(log_probs[t - window - 1, ids[t]]) for t in range(start, kept_end)]
+    metrics, samples = response_perplexity(
+        model, tiny_tokenizer, Dataset.from_list([example]), batch_size=2, max_length=max_length
     )
-    shared = continuation_log_probs(model, requests, batch_size=1, max_length=64, pad_token_id=0)
+    assert metrics["truncated"] == (len(ids) > max_length)
+    assert samples[0]["tokens"] == metrics["tokens"] == len(nll)
+    assert samples[0]["mean_nll"] == pytest.approx(sum(nll) / len(nll), rel=1e-10)
+
+
+def test_the_lm_head_projects_no_position_of_the_rows_itself(tiny_model, tiny_tokenizer):
+    """The engine projects only the scored positions, in chunks, from the backbone's output; the model's own head
+    sees one position a row (never the (B, T, V) logits of whole conversations)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[1]))
+    example = {"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:]}
+    metrics, _ = response_perplexity(model, tiny_tokenizer, Dataset.from_list([example] * 3), batch_size=2)
     hook.remove()
-    apart = [continuation_log_probs(model, [r], batch_size=1, max_length=64, pad_token_id=0)[0] for r in requests]
-    assert sum(rows) == 2
-    for a, b in zip(shared, apart):
-        assert torch.allclose(a, b, rtol=1e-10, atol=0)
+    assert seen and set(seen) == {1}
+    assert metrics["n"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ PACKAGE = "sftmix_trl"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         # what every stage uses: errors, files, the parser, model and tokenizer loading, TRL's SFTTrainer as both
-        # stages train through it, the run's folder and record; the package root loads its public names lazily
+        # stages train through it, the perplexity engine, the run's folder and record; the package root loads its
+        # public names lazily
         "foundation",
         (
             "sftmix_trl",
@@ -27,6 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sftmix_trl.bnb_cpu",
             "sftmix_trl.distributed",
             "sftmix_trl.sharded",
+            "sftmix_trl.perplexity",
             "sftmix_trl.configs",
             "sftmix_trl.chat_templates",
             "sftmix_trl.model",

@@ -7,9 +7,11 @@ higher-confidence `confident_fraction` of the examples is D_c, the rest D_u.
 
     config.py      `ConfidenceConfig`, the stage's settings
     table.py       `ConfidenceTable`, the median split, and the metadata that says which data a table fits
-    scoring.py     `score_perplexities`: every example's response perplexity, sharded over the processes
     snapshots.py   `load_snapshot`: a reference snapshot read back, an empty one refused
     reference.py   `compute_confidence`: the reference run, its snapshots, the scoring of each, the table
+
+Each snapshot is scored by `sftmix_trl.perplexity.score_perplexities` (the package's one perplexity engine, shared
+with evaluation; re-exported here with its batching and stats).
 
 Everything lands in one folder (`confidence_dir`):
 
@@ -28,7 +30,6 @@ rename), so a file that exists is complete.
 
 from sftmix_trl.confidence.config import ConfidenceConfig
 from sftmix_trl.confidence.reference import compute_confidence, snapshot_steps
-from sftmix_trl.confidence.scoring import ScoringStats, length_grouped_batches, score_perplexities
 from sftmix_trl.confidence.table import (
     CONFIDENT,
     DATA_KEYS,
@@ -47,6 +48,7 @@ from sftmix_trl.confidence.table import (
     scores_all_turns,
     split_confidence,
 )
+from sftmix_trl.perplexity import ScoringStats, length_grouped_batches, score_perplexities
 
 __all__ = [
     "CONFIDENT",

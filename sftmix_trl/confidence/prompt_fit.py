@@ -21,7 +21,7 @@ import numpy as np
 from accelerate.utils import extract_model_from_parallel
 from datasets import Dataset
 
-from sftmix_trl.confidence.scoring import score_perplexities
+from sftmix_trl.perplexity import score_perplexities
 
 
 def response_frame_ids(tokenizer) -> list[int]:

@@ -25,7 +25,6 @@ from sftmix_trl.atomic import atomic_write
 from sftmix_trl.confidence.config import ConfidenceConfig
 from sftmix_trl.confidence.plots import plot_confidence
 from sftmix_trl.confidence.report import report_pending, run_data_report
-from sftmix_trl.confidence.scoring import score_perplexities
 from sftmix_trl.confidence.snapshots import load_snapshot
 from sftmix_trl.confidence.table import (
     DATA_KEYS,
@@ -42,6 +41,7 @@ from sftmix_trl.confidence.table import (
 from sftmix_trl.configs import SFTConfig
 from sftmix_trl.data.load import EXAMPLE_ID
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
+from sftmix_trl.perplexity import score_perplexities
 from sftmix_trl.sft_trainer import TruncatingSFTTrainer
 from sftmix_trl.sharded import load_adapter_state, save_adapter, scoring_module
 

@@ -9,7 +9,6 @@ from sftmix_trl.errors import EvalError
 from sftmix_trl.evaluation.args import MMLU_MEDICAL_SUBJECTS, TASKS, EvalArguments
 from sftmix_trl.evaluation.choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
 from sftmix_trl.evaluation.ifeval import IFEvalPrompt, check_punkt, load_ifeval, match_responses, score_ifeval
-from sftmix_trl.evaluation.modeling import continuation_log_probs
 from sftmix_trl.evaluation.perplexity import load_perplexity_data, response_perplexity
 from sftmix_trl.evaluation.runner import evaluate
 
@@ -21,7 +20,6 @@ __all__ = [
     "EvalError",
     "IFEvalPrompt",
     "check_punkt",
-    "continuation_log_probs",
     "evaluate",
     "load_choice_file",
     "load_ifeval",

@@ -4,20 +4,21 @@ Each example is rendered with the tokenizer's chat template as in training. The 
 the template adds for it after the generation prompt before it (the reply and its end-of-turn token; for the last
 reply, any text the template appends too): the tokens TRL's completion-only loss trains on. A multi-turn
 conversation is scored on every assistant reply (`turns="all"`), as the recipes train it, in one forward pass when
-it fits `max_length`; the user turns between replies are context.
+it fits `max_length`; the user turns between replies are context. The rows are scored by the package's one
+perplexity engine (`sftmix_trl.perplexity.score_perplexities`), as stage 1 scores its examples.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 from datasets import Dataset
 
 from sftmix_trl.configs import ScriptArguments
 from sftmix_trl.data.load import load_datasets
 from sftmix_trl.errors import EvalError
-from sftmix_trl.evaluation.modeling import continuation_log_probs
+from sftmix_trl.perplexity import score_perplexities
 from sftmix_trl.run_record import run_script_arguments
 
 
@@ -98,37 +99,64 @@ def render(tokenizer, example: dict) -> tuple[list[int], list[tuple[int, int]]]:
     return full_ids, [(start, end) for start, end in zip(cuts[0::2], cuts[1::2]) if end > start]
 
 
+def scoring_rows(ids: list[int], spans: list[tuple[int, int]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The rows, (input_ids, labels) with -100 outside the scored tokens, that score the replies `spans` of one
+    rendered example within `max_length` tokens a row.
+
+    The replies that end within `max_length` share one row, the conversation up to the last of them (a conversation
+    that fits is one row). Each later reply gets a row of its own: the reply, its end cut past `max_length - 1`
+    tokens, after as much of the context before it as fits, the context's start cropped.
+    """
+    if spans and spans[0][0] == 0:
+        raise EvalError("a reply at the very start of the rendered text has no token before it to be predicted from")
+    fitting = [(start, end) for start, end in spans if end <= max_length]  # spans are in order: a prefix of them
+    rows = []
+    if fitting:
+        last = fitting[-1][1]
+        labels = [-100] * last
+        for start, end in fitting:
+            labels[start:end] = ids[start:end]
+        rows.append((ids[:last], labels))
+    for start, end in spans[len(fitting) :]:
+        reply = ids[start:end][: max_length - 1]
+        context = ids[max(0, start - (max_length - len(reply))) : start]
+        rows.append((context + reply, [-100] * len(context) + reply))
+    return rows
+
+
 def response_perplexity(
     model, tokenizer, dataset, batch_size: int = 8, max_length: int = 2048, desc: str = "perplexity"
 ) -> tuple[dict[str, float], list[dict]]:
     """Token-level perplexity exp(sum NLL / response tokens) over the whole dataset, and per-example figures.
 
     `mean_example_perplexity` is the mean over examples of exp(mean NLL of that example's response tokens), which
-    weighs short responses as much as long ones.
+    weighs short responses as much as long ones. `truncated` counts the examples longer than `max_length`.
     """
     rendered = [render(tokenizer, example) for example in dataset]
     empty = [index for index, (_, spans) in enumerate(rendered) if not spans]
     if empty:
         raise EvalError(f"{len(empty)} example(s) render no response token to score (e.g. example {empty[0]})")
-    requests, owner = [], []  # one request per reply; owner: its example
+    rows, owner = {"input_ids": [], "labels": []}, []  # owner: each row's example
     for index, (ids, spans) in enumerate(rendered):
-        requests += [(ids[:start], ids[start:end]) for start, end in spans]
-        owner += [index] * len(spans)
-    per_reply = continuation_log_probs(model, requests, batch_size, max_length, tokenizer.pad_token_id, desc)
-    log_probs = [[] for _ in rendered]
-    for index, lp in zip(owner, per_reply):
-        log_probs[index].append(lp)
-    log_probs = [torch.cat(parts) for parts in log_probs]
-    total_nll = sum(-float(lp.sum()) for lp in log_probs)
-    tokens = sum(len(lp) for lp in log_probs)
+        for input_ids, labels in scoring_rows(ids, spans, max_length):
+            rows["input_ids"].append(input_ids)
+            rows["labels"].append(labels)
+            owner.append(index)
+    perplexities, counts, _ = score_perplexities(
+        model, Dataset.from_dict(rows), batch_size, tokenizer.pad_token_id, desc
+    )
+    # a row's perplexity is exp(its NLL sum / its count): the sums add up over an example's rows
+    example_nll = np.bincount(owner, weights=np.log(perplexities) * counts, minlength=len(rendered))
+    example_tokens = np.bincount(owner, weights=counts, minlength=len(rendered)).astype(np.int64)
+    total_nll, tokens = float(example_nll.sum()), int(example_tokens.sum())
     samples = []
-    for index, lp in enumerate(log_probs):
-        mean_nll = -float(lp.mean())
+    for index, (nll, count) in enumerate(zip(example_nll.tolist(), example_tokens.tolist())):
+        mean_nll = nll / count
         samples.append(
             {
                 "index": index,
                 "example_id": dataset[index].get("example_id"),
-                "tokens": len(lp),
+                "tokens": count,
                 "mean_nll": mean_nll,
                 "perplexity": math.exp(mean_nll),
             }

@@ -1,5 +1,8 @@
-"""Response perplexity of every example under the model as it stands (one snapshot of the reference), sharded
-over the processes and gathered back whole."""
+"""The one perplexity engine: response perplexity of every prepared row (`input_ids`, `labels` with -100 outside
+the scored tokens) under the model as it stands, sharded over the processes and gathered back whole.
+
+Stage 1 scores its reference snapshots and the prompt fit with it; held-out perplexity (evaluate, merge's
+measurement, export's check) plans its rows and scores them with it too."""
 
 from __future__ import annotations
 
