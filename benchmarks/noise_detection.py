@@ -311,7 +311,7 @@ def stage1(args) -> None:
 
 def _held_out_loss(model, tokenizer, held_out_prepared) -> float:
     """Token-weighted mean NLL of the held-out responses (log of their pooled perplexity)."""
-    from sftmix_trl.confidence import score_perplexities
+    from sftmix_trl.perplexity import score_perplexities
 
     ppl, counts, _ = score_perplexities(model, held_out_prepared, 16, tokenizer.pad_token_id, "held-out")
     return float((np.log(ppl) * counts).sum() / counts.sum())

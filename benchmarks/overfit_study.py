@@ -148,7 +148,7 @@ def confidence_spread(perplexities: np.ndarray, num_tokens: np.ndarray) -> dict[
 
 def score_training_set(model, prepared_dataset, pad_token_id: int, batch_size: int = 16) -> dict[str, float]:
     """Stage 1's scoring (`score_perplexities`) of the prepared training set under the current adapter."""
-    from sftmix_trl.confidence import score_perplexities
+    from sftmix_trl.perplexity import score_perplexities
 
     ppl, counts, stats = score_perplexities(model, prepared_dataset, batch_size, pad_token_id, "scoring train set")
     return confidence_spread(ppl, counts) | {"seconds": stats.seconds}

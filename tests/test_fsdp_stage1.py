@@ -114,9 +114,9 @@ def worker(model_path: str, out_dir: str, variants: str) -> None:
     from accelerate import PartialState
     from peft import LoraConfig, get_peft_model
 
-    from sftmix_trl.confidence import length_grouped_batches, score_perplexities
     from sftmix_trl.confidence.reference import _SnapshotCallback
     from sftmix_trl.confidence.snapshots import load_snapshot
+    from sftmix_trl.perplexity import length_grouped_batches, score_perplexities
     from sftmix_trl.sharded import gather_adapter_state, load_adapter_state
 
     state = PartialState(cpu=True)
@@ -196,7 +196,8 @@ def test_stage1_through_a_sharding_engine_equals_one_process(tiny_model, tmp_pat
     import torch
     from peft import PeftModel
 
-    from sftmix_trl.confidence import score_perplexities, split_confidence
+    from sftmix_trl.confidence import split_confidence
+    from sftmix_trl.perplexity import score_perplexities
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     if engine == "zero3":  # not a dependency of the project; the GPU check runs it under accelerate too

@@ -24,12 +24,12 @@ from sftmix_trl.confidence import (
     ConfidenceError,
     ConfidenceTable,
     compute_confidence,
-    score_perplexities,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
 from sftmix_trl.data.checks import check_training_data
 from sftmix_trl.data.load import EXAMPLE_ID, DataError, example_fingerprint, has_multi_turn, load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
+from sftmix_trl.perplexity import score_perplexities
 from sftmix_trl.sftmix.config import SFTMixConfig
 from sftmix_trl.sftmix.mixup import mixed_position_masks
 from sftmix_trl.sftmix.sampler import PairedSampler

@@ -48,7 +48,6 @@ from sftmix_trl.confidence.table import (
     scores_all_turns,
     split_confidence,
 )
-from sftmix_trl.perplexity import ScoringStats, length_grouped_batches, score_perplexities
 
 __all__ = [
     "CONFIDENT",
@@ -63,13 +62,10 @@ __all__ = [
     "ConfidenceConfig",
     "ConfidenceError",
     "ConfidenceTable",
-    "ScoringStats",
     "check_metadata",
     "compute_confidence",
     "dataset_fingerprint",
     "expected_metadata",
-    "length_grouped_batches",
-    "score_perplexities",
     "scores_all_turns",
     "snapshot_steps",
     "split_confidence",
