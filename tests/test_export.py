@@ -252,3 +252,50 @@ def test_the_demo_run_exports_loads_back_and_passes_its_check_on_its_held_out_sp
     check = json.loads((out / "export_check.json").read_text())
     assert check["passed"] and check["examples"] == 8 and check["template_renders_same"]
     assert "the run's held-out split" in (out / "README.md").read_text()
+
+
+def test_the_adapter_alone_converts_to_a_gguf_lora_that_reads_back_as_trained(llama_cpp, smol_tiny, smol_adapter,
+                                                                               tmp_path):  # fmt: skip
+    """`--lora_only`'s file: llama.cpp's LoRA converter on the adapter, read back with the gguf package. (llama.cpp's
+    runtime applying it to the base GGUF needs a compiled llama.cpp: benchmarks/gguf_export.py checks that.)"""
+    from sftmix_trl.after_training.export_lora import check_lora_gguf, convert_lora
+
+    lora_file = tmp_path / "lora.gguf"
+    convert_lora(llama_cpp, smol_adapter, str(smol_tiny), lora_file)
+    check = check_lora_gguf(lora_file, smol_adapter)
+    assert check["passed"], check
+    assert (check["general_type"], check["adapter_type"], check["alpha"], check["rank"]) == ("adapter", "lora", 8, 4)
+    assert check["pairs"] == 2 * 7  # two layers, seven linears each ("all-linear" leaves out lm_head)
+    adapter_config = json.loads((smol_adapter / "adapter_config.json").read_text())
+    (tmp_path / "other").mkdir()
+    for f in smol_adapter.iterdir():
+        (tmp_path / "other" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "other" / "adapter_config.json").write_text(json.dumps({**adapter_config, "lora_alpha": 16}))
+    assert not check_lora_gguf(lora_file, tmp_path / "other")["passed"]  # the file's alpha is the adapter's own
+
+
+def test_lora_only_refuses_what_llama_cpp_does_not_apply(smol_tiny, tmp_path):
+    from sftmix_trl.after_training.export_lora import LoraExportError, lora_settings
+
+    adapter = make_adapter(smol_tiny, tmp_path / "rslora", use_rslora=True)
+    with pytest.raises(LoraExportError, match="use_rslora.*without `--lora_only`"):
+        lora_settings(adapter)
+    with pytest.raises(ExportError, match="merges nothing"):
+        exporting(adapter, tmp_path / "out", lora_only=True, keep_merged=True)
+
+
+@pytest.mark.slow
+def test_lora_only_export_writes_base_and_lora_ggufs_and_checks_both(llama_cpp, smol_adapter, tmp_path):
+    out = export(exporting(smol_adapter, tmp_path / "lora", gguf="f16", lora_only=True))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["lora-base-f16.gguf", "lora-lora-f16.gguf", "README.md", "export_check.json"]
+    )
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["passed"] and check["lora"]["passed"] and abs(check["base"]["perplexity_increase"]) < 0.01
+    assert "--lora lora-lora-f16.gguf" in (out / "README.md").read_text()
+
+
+def test_a_lora_only_export_refuses_a_merge_target_it_does_not_ship(tmp_path):
+    with pytest.raises(ExportError, match="`lora_only` ships the base's own weights"):
+        ExportArguments(adapter_path=str(tmp_path), output_dir=str(tmp_path / "o"), lora_only=True,
+                        merge_target="dequantized")  # fmt: skip

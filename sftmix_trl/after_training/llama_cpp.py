@@ -159,9 +159,11 @@ def find_quantize(root: Path) -> Path:
         )
     build = root / "build"
     jobs = str(os.cpu_count() or 1)
-    configure = ["cmake", "-S", str(root), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
-                 "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF"]  # fmt: skip
+    # Shared libraries: the same build then serves llama-cpp-python (LLAMA_CPP_LIB_PATH=build/bin) in the benchmark;
+    # the quantiser finds them through the build tree's RPATH. No HTTPS, app or server: the quantiser reads no URL.
+    configure = ["cmake", "-S", str(root), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]  # fmt: skip
     logger.info("building llama.cpp's quantiser in %s (once; minutes on a small CPU)", build)
     started = time.monotonic()
     for cmd in (configure, ["cmake", "--build", str(build), "--target", "llama-quantize", "-j", jobs]):
