@@ -25,16 +25,10 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+from sftmix_trl.evaluation.args import MMLU_MEDICAL_SUBJECTS
+
 IFEVAL_HUB_ID = "google/IFEval"
 MMLU_HUB_ID = "cais/mmlu"
-MMLU_MEDICAL_SUBJECTS = (
-    "anatomy",
-    "clinical_knowledge",
-    "college_biology",
-    "college_medicine",
-    "medical_genetics",
-    "professional_medicine",
-)
 MMLU_SPLITS = {"test": "test", "val": "validation", "dev": "dev"}  # file suffix -> the Hub dataset's split
 PUBMEDQA_COMMIT = "1cbae8e92f72f20c8d3747cbb3bf5bc53554d997"
 PUBMEDQA_FILES = ("ori_pqal.json", "test_ground_truth.json")

@@ -37,24 +37,6 @@ def llama_cpp() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol_tiny(demo_model, tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("smol-tiny")
-    tokenizer = AutoTokenizer.from_pretrained(demo_model)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def smol_adapter(smol_tiny, tmp_path_factory) -> Path:
     return make_adapter(smol_tiny, tmp_path_factory.mktemp("smol-adapter"))
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT, run_recipe
 
 TEMPLATE = ROOT / "configs" / "templates" / "alpaca.jinja"
@@ -36,21 +35,9 @@ def sftmix_trl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def base(demo_model, tmp_path_factory) -> Path:
+def base(smol_tiny) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer and its own ChatML template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("chain-base")
-    tokenizer = AutoTokenizer.from_pretrained(demo_model)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return smol_tiny
 
 
 @pytest.fixture(scope="module")
