@@ -243,7 +243,9 @@ def test_same_content_in_different_formats_same_id_and_deduplicated(tmp_path, ca
         f"{tmp_path / 'chat.parquet'}, record 0 (copy of {first})",
     ]
     assert drops.counts["duplicate"] == 2 and drops.locations["duplicate"] == copies
-    assert f"dropped 2 the same prompt and completion as an earlier record, e.g. {', '.join(copies)}" in caplog.text
+    assert (
+        f"dropped 2 repeat of an earlier record (same prompt and completion), e.g. {', '.join(copies)}" in caplog.text
+    )
 
 
 def test_duplicates_are_a_drop_reason_counted_recorded_and_stopped_on(tmp_path, caplog):
@@ -251,9 +253,7 @@ def test_duplicates_are_a_drop_reason_counted_recorded_and_stopped_on(tmp_path, 
     `sftmix_run.json`'s record and the model card; the first copy is the one trained."""
     records = numbered("x", 6) + numbered("x", 2)  # lines 7 and 8 repeat lines 1 and 2
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    with pytest.raises(
-        DataError, match=r"25\.0% of the records cannot train.*2 the same prompt and completion"
-    ) as error:
+    with pytest.raises(DataError, match=r"25\.0% of the records cannot train.*2 repeat of an earlier record") as error:
         load_datasets(ScriptArguments(dataset_name=str(path), max_dropped_fraction=0.2))
     assert "remove the repeated records" in str(error.value) and "\n" not in str(error.value)
     drops = DropLog(max_dropped_fraction=0.25)
@@ -264,7 +264,7 @@ def test_duplicates_are_a_drop_reason_counted_recorded_and_stopped_on(tmp_path, 
     assert kept["x question 0"] == f"{path}, line 1"  # the first copy trains, and later drops name it
     record = drops.as_dict()
     assert record["dropped"] == {"duplicate": 2} and record["dropped_fraction"] == pytest.approx(0.25)
-    assert "| the same prompt and completion as an earlier record | 2 |" in data_card_section(drops)
+    assert "| repeat of an earlier record (same prompt and completion) | 2 |" in data_card_section(drops)
     # a source's `fraction` samples the rows Dataset.shuffle(seed) picks, as before duplicates were dropped here
     unique = write_jsonl(tmp_path / "u.jsonl", numbered("u", 10))
     sample = load_source(DataSource(str(unique), fraction=0.5), seed=3)

@@ -25,7 +25,7 @@ REASONS = {
     "system_only": "only a system message",
     "no_reply": "no assistant reply after a prompt",
     "empty_reply": "every assistant reply is empty",
-    "duplicate": "the same prompt and completion as an earlier record",
+    "duplicate": "repeat of an earlier record (same prompt and completion)",
     "template_refused": "the chat template refuses to render it",
     "truncated": "every assistant reply truncated away at max_length",
 }
