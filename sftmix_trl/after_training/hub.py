@@ -49,6 +49,27 @@ def _front_matter(base_model: str, datasets: list[str], tags: list[str]) -> str:
     return "\n".join(lines)
 
 
+def usage_section(extra_import: str, model_class: str, name: str) -> str:
+    """A card's "Use" block: load `name` with `model_class` and answer one chat turn through its template."""
+    imports = (
+        f"{extra_import}\nfrom transformers import AutoTokenizer"
+        if extra_import
+        else (f"from transformers import {model_class}, AutoTokenizer")
+    )
+    return f"""## Use
+
+```python
+{imports}
+
+model = {model_class}.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+messages = [{{"role": "user", "content": "What are common symptoms of anaemia?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+print(tokenizer.decode(model.generate(inputs, max_new_tokens=128)[0][inputs.shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
 def write_model_card(
     output_dir: str,
     *,
@@ -92,19 +113,7 @@ pip install "sftmix-trl=={__version__}"
 {redact(launch_line)}
 ```
 
-## Use
-
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("{repo}")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-messages = [{{"role": "user", "content": "What are common symptoms of anaemia?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-print(tokenizer.decode(model.generate(inputs, max_new_tokens=128)[0][inputs.shape[1]:], skip_special_tokens=True))
-```
-"""
+{usage_section("from peft import AutoPeftModelForCausalLM", "AutoPeftModelForCausalLM", repo)}"""
     path = Path(output_dir) / "README.md"
     path.write_text(_front_matter(base_model, datasets, tags) + redact(body))
     return path
@@ -332,18 +341,7 @@ PEFT needed. {trained}
 | merged dtype | {merged.dtype} |
 
 {merge_card_section(merged)}
-## Use
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-messages = [{{"role": "user", "content": "What are common symptoms of anaemia?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-print(tokenizer.decode(model.generate(inputs, max_new_tokens=128)[0][inputs.shape[1]:], skip_special_tokens=True))
-```
-
+{usage_section("", "AutoModelForCausalLM", name)}
 or serve the folder: `vllm serve {name}`.
 """
     path = Path(output_dir) / "README.md"
