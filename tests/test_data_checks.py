@@ -8,7 +8,8 @@ from conftest import demo_argv, recipe_stop_message, write_jsonl
 from sftmix_trl.commands import sft as sft_recipe
 from sftmix_trl.commands import sftmix as sftmix_recipe
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data.checks import check_training_data, prepare_like_trl
+from sftmix_trl.data.checks import TRAINING, prepare_like_trl, prepare_split
+from sftmix_trl.data.drops import DropLog
 from sftmix_trl.data.load import load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
 from sftmix_trl.sft_trainer import NTPTrainer
@@ -71,7 +72,7 @@ def test_the_check_prepares_the_data_exactly_as_the_trainer_does(tiny_model, tmp
     args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", activation_checkpointing=False)
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     tokenizer = load_tokenizer(model_args)
-    checked = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer).train
+    checked = prepare_split(dataset, tokenizer, args, NTPTrainer, "train", DropLog(), TRAINING)
     trainer = NTPTrainer(
         model=load_model(model_args),
         args=args,
@@ -123,7 +124,7 @@ def test_a_trainer_given_prepared_data_trains_on_it_unchanged(tiny_model, tmp_pa
     args = SFTConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", activation_checkpointing=False)
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     tokenizer = load_tokenizer(model_args)
-    prepared = check_training_data(dataset, tokenizer, args, trainer_class=NTPTrainer).train
+    prepared = prepare_split(dataset, tokenizer, args, NTPTrainer, "train", DropLog(), TRAINING)
 
     def trained_on(train_dataset):
         trainer = NTPTrainer(

@@ -8,20 +8,18 @@ import logging
 import numpy as np
 import pytest
 from conftest import build_tiny_model, run_recipe, write_jsonl
+from datasets import Dataset
 
 from sftmix_trl.confidence import ConfidenceConfig
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data.checks import (
-    check_same_survivors,
-    check_sftmix_data,
-    check_training_data,
-    drop_unrenderable,
-    prepare_like_trl,
-)
+from sftmix_trl.data.checks import TRAINING, check_same_survivors, drop_unrenderable, prepare_like_trl, prepare_split
 from sftmix_trl.data.drops import DropLog
 from sftmix_trl.data.load import DataError, load_datasets
+from sftmix_trl.data.prepare import prepare_run_data
 from sftmix_trl.model import load_tokenizer
+from sftmix_trl.sft_trainer import NTPTrainer
 from sftmix_trl.sftmix.config import SFTMixConfig
+from sftmix_trl.sftmix.trainer import SFTMixTrainer
 
 # ChatML that refuses two turns of one role in a row, as Mistral's and Llama 2's templates do
 ALTERNATING_CHATML = (
@@ -127,9 +125,9 @@ def test_every_kind_of_record_that_cannot_train_is_dropped_counted_and_logged_on
         (tmp_path / "alternating.jinja").write_text(ALTERNATING_CHATML)
         model_args = ModelArguments(model_name_or_path=str(tiny_model))
         tokenizer = load_tokenizer(model_args, False, str(tmp_path / "alternating.jinja"), assistant_only_loss=True)
-        dataset = drop_unrenderable(dataset, tokenizer, drops)
+        dataset = drop_unrenderable(dataset, [tokenizer], drops)
         args = SFTConfig(output_dir=str(tmp_path / "o"), report_to="none", assistant_only_loss=True, max_length=96)
-        prepared = check_training_data(dataset, tokenizer, args, drops=drops).train
+        prepared = prepare_split(dataset, tokenizer, args, NTPTrainer, "train", drops, TRAINING)
     assert len(prepared) == 20 and dict(drops.counts) == dict.fromkeys(MESSY_LINES, 1)
     for reason, line_no in MESSY_LINES.items():
         assert drops.locations[reason] == [f"{path}, line {line_no}"]
@@ -162,14 +160,18 @@ def test_a_wrongly_formatted_file_stops_with_the_reasons_and_a_real_looking_expo
 
 def test_truncation_drops_count_toward_the_share_and_stop_above_it(tiny_model, tmp_path):
     path = messy_sharegpt(tmp_path / "chat.jsonl", good=6)
-    dataset, drops = load(path, max_dropped_fraction=0.5)
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), assistant_only_loss=True)
-    args = SFTConfig(output_dir=str(tmp_path / "o"), report_to="none", assistant_only_loss=True, max_length=96)
-    check_training_data(dataset, tokenizer, args, drops=drops)  # 4 + 1 of 12 dropped
-    assert drops.counts["truncated"] == 1 and drops.dropped_fraction() == pytest.approx(5 / 12)
-    drops.max_dropped_fraction = 0.4
+    model_args = ModelArguments(model_name_or_path=str(tiny_model))
+    args = SFTConfig(output_dir=str(tmp_path / "o"), report_to="none", max_length=96)
+    run = prepare_run_data(
+        ScriptArguments(dataset_name=str(path), max_dropped_fraction=0.5), args, model_args, NTPTrainer
+    )
+    drops = run.drops  # 4 + 1 of 12 dropped
+    assert len(run.data.train) == 7 and drops.counts["truncated"] == 1
+    assert drops.dropped_fraction() == pytest.approx(5 / 12)
     with pytest.raises(DataError, match=r"41\.7% of the records cannot train.*1 every assistant reply truncated away"):
-        check_training_data(dataset, tokenizer, args, drops=drops)
+        prepare_run_data(
+            ScriptArguments(dataset_name=str(path), max_dropped_fraction=0.4), args, model_args, NTPTrainer
+        )
 
 
 # -- a reference model on another tokenizer --------------------------------------------------------------------------------
@@ -209,9 +211,41 @@ def test_reference_tokenizer_that_keeps_other_examples_stops_with_the_max_length
         reference_batch_size=1,
     )
     model_args = ModelArguments(model_name_or_path=str(tiny_model))
+    script_args = ScriptArguments(dataset_name=str(tmp_path / "d.jsonl"))
     with pytest.raises(DataError, match=r"keeps other examples under the reference model's tokenizer"):
-        check_sftmix_data(dataset, None, tokenizer, model_args, config, ConfidenceConfig.from_args(config), None)
+        prepare_run_data(script_args, config, model_args, confidence_config=ConfidenceConfig.from_args(config))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("trainer_class", [None, SFTMixTrainer])  # `confidence`/`report` (stage 1 alone), `sftmix`
+def test_a_reference_on_its_own_tokenizer_prepares_the_data_once_more_and_counts_each_drop_once(
+    tmp_path, tiny_model, monkeypatch, trainer_class
+):
+    other = build_tiny_model(tmp_path / "other", vocab_size=270)
+    reference = load_tokenizer(ModelArguments(model_name_or_path=str(other)))
+    reference.chat_template = ALTERNATING_CHATML  # refuses what the model's ChatML renders
+    reference.save_pretrained(other)
+    chats = [[turn("human", "colour blue fruit pear " * n)] for n in range(1, 9)]
+    chats += [[turn("human", "word " * 400)], [turn("human", "First part."), turn("human", "Second?")]]
+    records = [{"conversations": [*chat, turn("gpt", "Yes.")]} for chat in chats]  # the last two: too long, refused
+    script_args = ScriptArguments(dataset_name=str(write_jsonl(tmp_path / "d.jsonl", records)))
+    config = SFTMixConfig(
+        output_dir=str(tmp_path / "o"), report_to="none", max_length=256, reference_model_name_or_path=str(other)
+    )
+    passes = []
+    original_map = Dataset.map
+    monkeypatch.setattr(
+        Dataset, "map", lambda self, *a, **k: passes.append(k.get("desc")) or original_map(self, *a, **k)
+    )
+    model_args = ModelArguments(model_name_or_path=str(tiny_model))
+    run = prepare_run_data(script_args, config, model_args, trainer_class, ConfidenceConfig.from_args(config))
+    data, drops = run.data, run.drops
+    assert passes.count("Tokenizing train dataset") == 2  # once per tokenizer, whichever command
+    assert len(data.examples) == 9 and data.reference_train["example_id"] == data.train["example_id"]  # 8 survive
+    assert len(data.train) == 8 and data.reference_train["input_ids"] != data.train["input_ids"]
+    # each drop counted once though both tokenizers read (and lose) the long one: 2 of the 10 examples checked
+    assert dict(drops.counts) == {"template_refused": 1, "truncated": 1} and drops.checked == 10
+    assert drops.dropped_fraction() == pytest.approx(0.2)
 
 
 # -- end to end: the raw file trains through the SFTMix recipe (stage 1 and 2) ------------------------------------------------

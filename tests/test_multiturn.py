@@ -26,7 +26,8 @@ from sftmix_trl.confidence import (
     compute_confidence,
 )
 from sftmix_trl.configs import ModelArguments, ScriptArguments, SFTConfig
-from sftmix_trl.data.checks import check_training_data
+from sftmix_trl.data.checks import TRAINING, prepare_split
+from sftmix_trl.data.drops import DropLog
 from sftmix_trl.data.load import EXAMPLE_ID, DataError, example_fingerprint, has_multi_turn, load_datasets
 from sftmix_trl.model import load_model, load_tokenizer, lora_config
 from sftmix_trl.perplexity import score_perplexities
@@ -207,11 +208,11 @@ def test_truncation_keeps_the_turns_that_fit_and_drops_conversations_left_withou
     assert trained_text(tokenizer, prepared[0]) == [reply + "<|im_end|>\n" for _, reply in TURNS[:2]]
     args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", assistant_only_loss=True, max_length=cut)
     with caplog.at_level(logging.WARNING, logger="sftmix_trl"):
-        check_training_data(dataset, tokenizer, args)
+        prepare_split(dataset, tokenizer, args, SFTTrainer, "train", DropLog(), TRAINING)
     assert f"1 of 2 training examples lose their whole response to truncation at max_length={cut}" in caplog.text
     args.max_length = 8
     with pytest.raises(DataError, match="2 of the 2 training examples lose their whole response to truncation"):
-        check_training_data(dataset, tokenizer, args)
+        prepare_split(dataset, tokenizer, args, SFTTrainer, "train", DropLog(), TRAINING)
 
 
 # -- stage 1: perplexity over all assistant tokens, recorded and checked ---------------------------------------------------

@@ -156,7 +156,7 @@ def compute_confidence(
         config: the reference pass settings.
         confidence_dir: folder of the artifact (see the package docstring).
         must_exist: only load (and check) a finished table; never train a reference.
-        prepared: `train_dataset` already prepared for the reference's tokenizer (`data.checks.check_sftmix_data`'s
+        prepared: `train_dataset` already prepared for the reference's tokenizer (`data.prepare.prepare_run_data`'s
             `reference_train`), so that it is not tokenised again; None: the reference's trainer prepares it.
     """
 

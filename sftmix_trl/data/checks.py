@@ -2,28 +2,25 @@
 
 TRL prepares the data inside `SFTTrainer.__init__` (chat template, completion mask, truncation at `max_length`, and
 the silent drop of examples that truncation leaves without a response token); the SFTMix recipes write the
-confidence folder before that. So the recipes call `check_training_data` (or `check_sftmix_data`), through
-`prepare.prepare_run_data`, right after loading the data and the tokenizer: it runs TRL's own preparation on the
-data (no model needed), turns every count that would fail later (no example left, too few for a confidence split)
-into one `DataError` line, and returns the prepared sets
-(`PreparedData`). The recipes hand those to the trainers, which then skip their own preparation
-(`TruncatingSFTTrainer` recognises a prepared dataset): the data is tokenised once per run (twice when the stage-1
-reference has a tokenizer of its own).
+confidence folder before that. So `prepare.prepare_run_data` runs these functions right after loading the data and
+the tokenizer: TRL's own preparation of each split (no model needed), every count that would fail later (no example
+left, too few for a confidence split, examples that keep a reply under one tokenizer only) turned into one
+`DataError` line. The recipes hand the prepared sets to the trainers, which then skip their own preparation
+(`TruncatingSFTTrainer` recognises a prepared dataset): the data is tokenised once per tokenizer.
 
-Records that cannot train are dropped and counted (`drops.DropLog`): those the chat template refuses to render
-(`drop_unrenderable`, with the template's own message) and those that truncation leaves without a reply. With a
-reference model on another tokenizer, the examples that survive truncation must be the same under both tokenizers
-(stage 2 trains only examples stage 1 scored).
+Records that cannot train are dropped and counted (`drops.DropLog`): those a chat template refuses to render
+(`drop_unrenderable`, with the template's own message) and those that truncation leaves without a reply
+(`prepare_split`). With a reference model on another tokenizer, the examples that survive truncation must be the
+same under both tokenizers (`check_same_survivors`: stage 2 trains only examples stage 1 scored).
 
-These functions take datasets and return datasets or counts, or raise: they do not depend on when the recipes call
-them.
+These functions take datasets and return datasets, or raise: they do not depend on which command calls them.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from datasets import Dataset
@@ -33,11 +30,12 @@ from trl import SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import _tokenize
 
-from sftmix_trl.data.drops import DropLog
+from sftmix_trl.data.drops import SHOWN_LOCATIONS, DropLog
 from sftmix_trl.data.load import EXAMPLE_ID, DataError
-from sftmix_trl.model import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = {"train": "training", "eval": "held-out"}  # how the messages name a split
 
 
 @dataclass
@@ -50,6 +48,29 @@ class PreparedData:
     reference_train: Dataset | None = None  # as the stage-1 reference trains on and scores it (its tokenizer)
     examples: Dataset | None = None  # the normalised training examples kept: what the confidence table is keyed on
     eval_examples: Dataset | None = None
+
+
+@dataclass(frozen=True)
+class Need:
+    """How many examples of a split must keep a reply after truncation, and what for (the too-few error says it)."""
+
+    count: int
+    purpose: str
+
+
+TRAINING = Need(1, "training")
+CONFIDENCE_SPLIT = Need(2, "the confidence split")  # a confident and an unconfident half, each of one example at least
+EVALUATION = Need(1, "evaluation")
+
+
+def refuse_eval_strategy_without_eval(args, eval_dataset: Dataset | None) -> None:
+    """Stop when the run's trainer evaluates (`eval_strategy`) but there is no held-out set: transformers refuses it
+    only when the trainer is built, after the whole of stage 1 in an SFTMix run."""
+    if eval_dataset is None and str(getattr(args.eval_strategy, "value", "no")) != "no":
+        raise DataError(
+            f"eval_strategy={args.eval_strategy.value!r} needs held-out data: set `eval_split_size` (a fraction or a "
+            "count), or `eval_strategy: no`"
+        )
 
 
 def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SFTTrainer, name: str = "train"):
@@ -69,130 +90,77 @@ def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SF
     return preparer._prepare_dataset(dataset, tokenizer, copy.copy(args), packing, None, name)
 
 
-def drop_unrenderable(
-    dataset: Dataset | None, tokenizer, drops: DropLog | None = None, count: bool = True, name: str = "train"
-) -> Dataset | None:
-    """`dataset` without the examples the chat template refuses to render (its `raise_exception`, e.g. "roles must
-    alternate" or "system role not supported"), each counted in `drops` with the template's own message. `count`:
-    these examples enter the dropped share (False for a second tokenizer checking the same examples)."""
+def drop_unrenderable(dataset: Dataset | None, tokenizers: Sequence, drops: DropLog, name: str = "train"):
+    """`dataset` without the examples a chat template of `tokenizers` refuses to render (its `raise_exception`, e.g.
+    "roles must alternate" or "system role not supported"), each counted in `drops` with the template's own message.
+    Every example of `dataset` enters the dropped share once, however many tokenizers read it."""
     if dataset is None:
         return None
-    drops = drops if drops is not None else DropLog()
-    if count:
-        drops.checked += len(dataset)
-    if "raise_exception" not in str(tokenizer.chat_template):
-        return dataset  # a template that never refuses (most ChatML ones): skip rendering every example
-    keep = []
-    rows = zip(dataset["prompt"], dataset["completion"], dataset[EXAMPLE_ID])
-    for index, (prompt, completion, example_id) in enumerate(
-        tqdm(rows, total=len(dataset), desc=f"Rendering {name} with the chat template", disable=len(dataset) < 20000)
-    ):
-        try:
-            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        except TemplateError as error:
-            message = str(error.message or error)
-            drops.add("template_refused", drops.location(example_id), message, stage="check", key=example_id)
-            continue
-        keep.append(index)
-    if len(keep) < len(dataset):
-        drops.log(["template_refused"])
-        dataset = dataset.select(keep)
-    return dataset
+    drops.checked += len(dataset)
+    keep = list(range(len(dataset)))
+    for tokenizer in tokenizers:
+        if "raise_exception" not in str(tokenizer.chat_template):
+            continue  # a template that never refuses (most ChatML ones): skip rendering every example
+        rows = dataset.select(keep)
+        renders = zip(keep, rows["prompt"], rows["completion"], rows[EXAMPLE_ID])
+        kept_here = []
+        for index, prompt, completion, example_id in tqdm(
+            renders, total=len(keep), desc=f"Rendering {name} with the chat template", disable=len(keep) < 20000
+        ):
+            try:
+                tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+            except TemplateError as error:
+                message = str(error.message or error)
+                drops.add("template_refused", drops.location(example_id), message, stage="check", key=example_id)
+                continue
+            kept_here.append(index)
+        keep = kept_here
+    if len(keep) == len(dataset):
+        return dataset
+    drops.log(["template_refused"])
+    return dataset.select(keep)
 
 
-def count_truncated(dataset: Dataset, prepared: Dataset, drops: DropLog, name: str = "training") -> int:
-    """Count in `drops` the examples of `dataset` that truncation left without a reply (absent from `prepared`)."""
+def prepare_split(dataset: Dataset, tokenizer, args, trainer_class: type, name: str, drops: DropLog, need: Need):
+    """`dataset` as `trainer_class` prepares it for the split `name` (`prepare_like_trl`), the examples that
+    truncation leaves without a reply counted in `drops` and logged. Stops when fewer than `need.count` keep one,
+    naming the `max_length` that keeps them."""
+    prepared = prepare_like_trl(dataset, tokenizer, args, trainer_class, name)
     kept = set(prepared[EXAMPLE_ID]) if EXAMPLE_ID in prepared.column_names else set()
-    lost = [example_id for example_id in dataset[EXAMPLE_ID] if example_id not in kept]
-    for example_id in lost:
+    lost = [index for index, example_id in enumerate(dataset[EXAMPLE_ID]) if example_id not in kept]
+    if len(prepared) < need.count:
+        raise _too_few(dataset, lost, len(prepared), tokenizer, args, name, need)
+    lost_ids = dataset.select(lost)[EXAMPLE_ID]
+    for example_id in lost_ids:
         drops.add("truncated", drops.location(example_id), stage="check", key=example_id)
-    return len(lost)
+    if lost:
+        logger.warning(
+            "%d of %d %s examples lose their whole response to truncation at max_length=%s and are left out, e.g. %s",
+            len(lost),
+            len(dataset),
+            SPLIT_NAMES[name],
+            args.max_length,
+            ", ".join(drops.location(example_id) for example_id in lost_ids[:SHOWN_LOCATIONS]),
+        )
+    return prepared
 
 
-def _too_few(dataset: Dataset, prepared: Dataset, tokenizer, args, what: str, purpose: str, needed: int) -> DataError:
+def _too_few(dataset: Dataset, lost: list[int], left: int, tokenizer, args, name: str, need: Need) -> DataError:
     """The error for too few examples left with a response token: how many truncation emptied, what to change."""
-    kept = set(prepared[EXAMPLE_ID]) if EXAMPLE_ID in prepared.column_names else set()
-    lost = [example for example in dataset if example.get(EXAMPLE_ID) not in kept]
+    what = SPLIT_NAMES[name]
     if not lost:
-        return DataError(f"{purpose} needs at least {needed} {what} examples, got {len(dataset)}")
+        return DataError(f"{need.purpose} needs at least {need.count} {what} examples, got {len(dataset)}")
     hint = "Raise `max_length`"
-    if all("prompt" in example for example in lost):
+    if "prompt" in dataset.column_names:
         # The prompt as TRL tokenises it (generation prompt included): a response token needs max_length above it
-        longest = max(len(_tokenize(tokenizer, e["prompt"], add_generation_prompt=True)["input_ids"]) for e in lost)
+        longest = max(_prompt_tokens(tokenizer, prompt) for prompt in dataset.select(lost)["prompt"])
         hint += f" above {longest} (the longest of their prompts, in tokens)"
     return DataError(
         f"{len(lost)} of the {len(dataset)} {what} examples lose their whole response to truncation at "
-        f"max_length={args.max_length} (truncation_mode={args.truncation_mode}), leaving {len(prepared)}; "
-        f"{purpose} needs at least {needed}. {hint} or shorten those prompts"
+        f"max_length={args.max_length} (truncation_mode={args.truncation_mode}), leaving {left}; "
+        f"{need.purpose} needs at least {need.count}. {hint} or shorten those prompts"
     )
-
-
-def check_training_data(
-    train_dataset: Dataset,
-    tokenizer,
-    training_args,
-    eval_dataset: Dataset | None = None,
-    confidence_config=None,
-    trainer_class: type = SFTTrainer,
-    drops: DropLog | None = None,
-    stop_on_drops: bool = True,
-    run_trainer: bool = True,
-) -> PreparedData:
-    """Fail with one `DataError` line, before any write, when the data cannot train as configured.
-
-    Args:
-        train_dataset, eval_dataset: as loaded by `sftmix_trl.data.load.load_datasets`.
-        tokenizer: the tokenizer the trainer will use (chat template included).
-        training_args: the run's `SFTConfig`/`SFTMixConfig` (max_length, truncation_mode, loss settings).
-        confidence_config: the `ConfidenceConfig` of a run with a confidence stage: then at least 2 examples must
-            keep a response token (stage 1 checks its own counts: `confidence.table.check_counts`).
-        trainer_class: the trainer that will prepare the data.
-        run_trainer: False for the stage-1 reference alone (no held-out data or evaluation of its own).
-        drops: where the examples that truncation leaves without a reply are counted; then the run also stops when
-            the dropped share passes its `max_dropped_fraction` (unless `stop_on_drops` is False: the caller checks).
-
-    Returns:
-        the prepared training and held-out sets, for the trainer (which then does not prepare them again).
-    """
-    needed = 2 if confidence_config is not None else 1
-    if run_trainer and eval_dataset is None and str(getattr(training_args.eval_strategy, "value", "no")) != "no":
-        # transformers refuses it only when the trainer is built: after stage 1 in an SFTMix run
-        raise DataError(
-            f"eval_strategy={training_args.eval_strategy.value!r} needs held-out data: set `eval_split_size` (a "
-            "fraction or a count), or `eval_strategy: no`"
-        )
-    prepared = prepare_like_trl(train_dataset, tokenizer, training_args, trainer_class)
-    if len(prepared) < needed:
-        purpose = "training" if confidence_config is None else "the confidence split"
-        raise _too_few(train_dataset, prepared, tokenizer, training_args, "training", purpose, needed)
-    log = drops if drops is not None else DropLog()
-    # the examples this stage sees (`drop_unrenderable` may have counted them already, before its own drops)
-    log.checked = max(log.checked, len(train_dataset) + (len(eval_dataset) if eval_dataset is not None else 0))
-    if len(prepared) < len(train_dataset):
-        count_truncated(train_dataset, prepared, log)
-        logger.warning(
-            "%d of %d training examples lose their whole response to truncation at max_length=%s and are not trained "
-            "on, e.g. %s",
-            len(train_dataset) - len(prepared),
-            len(train_dataset),
-            training_args.max_length,
-            ", ".join(log.locations["truncated"]),
-        )
-    prepared_eval = None
-    if eval_dataset is not None:
-        prepared_eval = prepare_like_trl(eval_dataset, tokenizer, training_args, trainer_class, "eval")
-        if len(prepared_eval) == 0:
-            raise _too_few(eval_dataset, prepared_eval, tokenizer, training_args, "held-out", "evaluation", 1)
-        if len(prepared_eval) < len(eval_dataset):
-            lost = count_truncated(eval_dataset, prepared_eval, log)
-            logger.warning(
-                "%d of %d held-out examples lose their whole response to truncation", lost, len(eval_dataset)
-            )
-    if drops is not None and stop_on_drops:
-        drops.check(len(prepared))
-
-    return PreparedData(prepared, prepared_eval, examples=train_dataset, eval_examples=eval_dataset)
 
 
 def _prompt_tokens(tokenizer, prompt: list[dict]) -> int:
@@ -231,73 +199,3 @@ def check_same_survivors(
         f"keep a reply only under the model's and {len(only_reference)} only under the reference's, so stage 2 "
         f"would train examples stage 1 never scored. {hint}, or shorten the longest prompts"
     )
-
-
-def check_sftmix_data(
-    train_dataset: Dataset,
-    eval_dataset: Dataset | None,
-    tokenizer,
-    model_args,
-    training_args,
-    confidence_config,
-    trainer_class: type | None = None,
-    drops: DropLog | None = None,
-) -> PreparedData:
-    """`check_training_data` for the SFTMix recipes: the data prepared once for each tokenizer, without the examples
-    the chat template(s) refuse to render (counted in `drops`).
-
-    Stage 1 is checked with the reference's tokenizer (it prepares the data the reference scores); with
-    `trainer_class` (the SFTMix recipe), stage 2 is checked with `tokenizer` too: the held-out set and the pairs of a
-    micro-batch. With a reference on another tokenizer, the examples that keep a reply after truncation must be the
-    same under both.
-    """
-
-    drops = drops if drops is not None else DropLog()
-    train_dataset = drop_unrenderable(train_dataset, tokenizer, drops)
-    eval_dataset = drop_unrenderable(eval_dataset, tokenizer, drops, name="eval")
-    reference = confidence_config.reference_model_name_or_path
-    own_reference = bool(reference) and reference != model_args.model_name_or_path
-    reference_tokenizer = tokenizer
-    if own_reference:
-        reference_args = dataclasses.replace(model_args, model_name_or_path=reference)
-        reference_tokenizer = load_tokenizer(
-            reference_args,
-            training_args.trust_remote_code,
-            training_args.chat_template_path,
-            training_args.assistant_only_loss,
-        )
-        train_dataset = drop_unrenderable(train_dataset, reference_tokenizer, drops, count=False)
-    stage1 = None
-    if trainer_class is None or own_reference:  # stage 1 alone, or stage 1 with the reference's own tokenizer
-        stage1 = check_training_data(
-            train_dataset,
-            reference_tokenizer,
-            training_args,
-            None,
-            confidence_config,
-            drops=drops if trainer_class is None else None,  # stage 2's check counts the drops when it runs
-            stop_on_drops=False,
-            run_trainer=False,
-        )
-    if trainer_class is not None:  # stage 2 (and stage 1 when both stages tokenise alike)
-        stage2 = check_training_data(
-            train_dataset,
-            tokenizer,
-            training_args,
-            eval_dataset,
-            confidence_config,
-            trainer_class=trainer_class,
-            drops=drops,
-            stop_on_drops=False,
-        )
-    elif own_reference:  # stage 1 alone: the model's preparation only for the survivors' comparison
-        stage2 = PreparedData(prepare_like_trl(train_dataset, tokenizer, training_args))
-    else:
-        stage2 = PreparedData(stage1.train)
-    reference_train = stage1.train if stage1 is not None else stage2.train
-    if own_reference:  # before the dropped share: this stop says which max_length fixes both
-        check_same_survivors(
-            train_dataset, stage2.train, reference_train, tokenizer, reference_tokenizer, training_args
-        )
-    drops.check(len(stage2.train))
-    return PreparedData(stage2.train, stage2.eval, reference_train, train_dataset, eval_dataset)
