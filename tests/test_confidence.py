@@ -2,6 +2,8 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import Dataset
@@ -174,8 +176,9 @@ def test_compute_confidence_in_4bit_resumes_and_reuses(tiny_model, demo_subset, 
     for step in (2, 4, 6):
         assert (directory / "snapshots" / f"step-{step}" / "adapter_model.safetensors").is_file()
 
-    # Killed after the first scoring pass: the snapshot weights and the first scores remain.
+    # Killed after the first scoring pass: the snapshot weights and the first scores remain (and a report of no table).
     (directory / "confidence.parquet").unlink()
+    pq.write_table(pa.table({"example_id": ["stale"]}), directory / "report.parquet")
     for step in (4, 6):
         (directory / "scores" / f"step-{step}.parquet").unlink()
     calls = []
@@ -187,6 +190,7 @@ def test_compute_confidence_in_4bit_resumes_and_reuses(tiny_model, demo_subset, 
     assert len(calls) == 2  # only the unfinished snapshots are scored again
     np.testing.assert_allclose(resumed.perplexities, table.perplexities, rtol=1e-5)
     assert resumed.split() == table.split()
+    assert sorted(resumed.report["example_id"].to_pylist()) == sorted(table.example_ids)  # the new table's report
 
     # Finished: reused without any work, and refused for other settings.
     calls.clear()

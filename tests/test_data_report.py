@@ -12,7 +12,13 @@ from test_confidence import _confidence_args
 from test_data_sharegpt import ALTERNATING_CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftmix_trl.confidence import ConfidenceConfig, ConfidenceError, ConfidenceTable, compute_confidence
+from sftmix_trl.confidence import (
+    ConfidenceConfig,
+    ConfidenceError,
+    ConfidenceTable,
+    compute_confidence,
+    write_data_report,
+)
 from sftmix_trl.confidence.prompt_fit import prompt_fit, response_frame_ids, score_prompt_fit, strip_prompts
 from sftmix_trl.confidence.report import (
     build_report,
@@ -172,6 +178,7 @@ def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_traini
     assert (directory / "data_map.png").is_file() and (directory / "scores" / "prompt_fit-base.parquet").is_file()
     assert (directory / "report.md").read_text().count("\n### ") == 5
     assert json.loads((directory / "metadata.json").read_text())["data_report"]["prompt_fit_model"] == "base"
+    assert table.report.to_pylist() == report  # the entry point returns the report it wrote
 
     # The same table with the reference's prompt fit: no training, no snapshot scoring, one pass of the reference
     (directory / "report.parquet").unlink()
@@ -185,17 +192,30 @@ def test_stage1_writes_the_report_and_a_table_without_one_gets_it_without_traini
     by_id = {r[EXAMPLE_ID]: r for r in pq.read_table(directory / "report.parquet").to_pylist()}
     last = dict(zip(table.example_ids, table.perplexities[:, -1]))
     assert all(by_id[i]["ppl_given_prompt"] == pytest.approx(last[i]) for i in table.example_ids)
+    assert again.report.to_pylist() == list(by_id.values())
+    stored = json.loads((directory / "metadata.json").read_text())
+    assert stored["data_report"]["prompt_fit_model"] == "reference"  # the stored table records the latest report
+    assert stored["num_scored"] == 16 and "confidence.parquet" in {p.name for p in directory.iterdir()}
+
+    # The report of the finished table, called directly, whatever `data_report` says: cached scores, files rewritten
+    monkeypatch.setattr(
+        "sftmix_trl.confidence.prompt_fit.score_perplexities", lambda *a, **k: pytest.fail("scored again")
+    )
+    quiet = _args(tmp_path, num_confidence_checkpoints=2, prompt_fit_model="reference", data_report=False)
+    direct = write_data_report(dataset, model_args, quiet, ConfidenceConfig.from_args(quiet), directory)
+    assert direct.to_pylist() == again.report.to_pylist()
+    assert (directory / "report.md").read_text().count("\n### ") == 5
+    # `data_report: false` never writes a report, and hands back the one beside the table
+    reread = compute_confidence(dataset, model_args, quiet, ConfidenceConfig.from_args(quiet), directory)
+    assert reread.report.to_pylist() == direct.to_pylist()
 
     # `sftmix-trl report` with another length of page: the cached scores, the files written again
     from sftmix_trl.commands.report import main as report_main
 
     script_args = ScriptArguments(dataset_name="data/demo/health_qa.json", max_train_examples=16)
-    monkeypatch.setattr(
-        "sftmix_trl.confidence.prompt_fit.score_perplexities", lambda *a, **k: pytest.fail("scored again")
-    )
     report_main(
         script_args,
-        _args(tmp_path, num_confidence_checkpoints=2, prompt_fit_model="reference", report_top_k=3),
+        _args(tmp_path, num_confidence_checkpoints=2, prompt_fit_model="reference", report_top_k=3, data_report=False),
         model_args,
     )
     assert (directory / "report.md").read_text().count("\n### ") == 3

@@ -258,6 +258,11 @@ def test_sftmix_recipe_end_to_end_in_4bit(tiny_model, tmp_path, num_processes):
     # A second run of stage 1 reuses the table instead of training a reference again.
     rerun = ok(run_recipe("confidence.py", *args, num_processes=num_processes))
     assert "reusing the confidence table" in rerun.stdout + rerun.stderr
+    # The report command on that table, from as many processes: the reference's prompt fit (a pass not cached yet)
+    report_args = ["--prompt_fit_model", "reference", "--report_top_k", "3"]
+    ok(run_recipe("report.py", *args, *report_args, num_processes=num_processes))
+    assert (out / "confidence" / "report.md").read_text().count("\n### ") == 3
+    assert "prompt_fit-reference.parquet" in {p.name for p in (out / "confidence" / "scores").iterdir()}
 
 
 @pytest.mark.slow

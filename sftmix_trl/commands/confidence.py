@@ -14,6 +14,7 @@ import logging
 from accelerate import PartialState
 
 from sftmix_trl.confidence import ConfidenceConfig, compute_confidence
+from sftmix_trl.confidence.report import DATA_MAP, REPORT_PAGE, REPORT_TABLE
 from sftmix_trl.confidence.table import PLOT_FILE, TABLE_FILE, check_counts
 from sftmix_trl.configs import ModelArguments, ScriptArguments
 from sftmix_trl.data.prepare import prepare_run_data
@@ -33,7 +34,8 @@ def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: 
         data.examples, model_args, training_args, config, training_args.confidence_dir, prepared=data.reference_train
     )
     if PartialState().is_main_process:  # the process that wrote them
-        check_promised(training_args.confidence_dir, (TABLE_FILE, PLOT_FILE), "confidence.py")
+        report = (REPORT_TABLE, REPORT_PAGE, DATA_MAP) if config.data_report else ()
+        check_promised(training_args.confidence_dir, (TABLE_FILE, PLOT_FILE, *report), "confidence.py")
     meta = table.metadata
     logger.info(
         "confidence table: %d scored (%d confident, %d unconfident), %d excluded; see %s/confidence.png",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftmix_trl.confidence import TABLE_FILE, ConfidenceConfig, ConfidenceError, compute_confidence
+from sftmix_trl.confidence import TABLE_FILE, ConfidenceConfig, ConfidenceError, write_data_report
 from sftmix_trl.confidence.report import DATA_MAP, REPORT_PAGE, REPORT_TABLE
 from sftmix_trl.configs import ModelArguments, ScriptArguments
 from sftmix_trl.data.prepare import prepare_run_data
@@ -26,17 +26,14 @@ ARGUMENTS = (ScriptArguments, SFTMixConfig, ModelArguments)
 def main(script_args: ScriptArguments, training_args: SFTMixConfig, model_args: ModelArguments) -> None:
     setup_logging(training_args)
     directory = Path(training_args.confidence_table or training_args.confidence_dir)
-    if not (directory / TABLE_FILE).is_file():
+    if not (directory / TABLE_FILE).is_file():  # before the data is prepared
         raise ConfidenceError(
             f"no confidence table in {directory}: run stage 1 first (`sftmix-trl confidence --config ...`)"
         )
     config = ConfidenceConfig.from_args(training_args)
-    config.data_report = True
     # The data as the run that wrote the table prepared it: same examples, same scored tokens, same template
     data = prepare_run_data(script_args, training_args, model_args, confidence_config=config).data
-    if training_args.should_save:
-        (directory / REPORT_TABLE).unlink(missing_ok=True)  # written again last: the report is then complete
-    compute_confidence(data.examples, model_args, training_args, config, directory, prepared=data.reference_train)
+    write_data_report(data.examples, model_args, training_args, config, directory, prepared=data.reference_train)
     if training_args.should_save:  # the process that wrote them
         check_promised(directory, (REPORT_TABLE, REPORT_PAGE, DATA_MAP), "report")
         print(f"data report: {directory / REPORT_PAGE}")

@@ -8,7 +8,12 @@ higher-confidence `confident_fraction` of the examples is D_c, the rest D_u.
     config.py      `ConfidenceConfig`, the stage's settings
     table.py       `ConfidenceTable`, the median split, and the metadata that says which data a table fits
     snapshots.py   `load_snapshot`: a reference snapshot read back, an empty one refused
-    reference.py   `compute_confidence`: the reference run, its snapshots, the scoring of each, the table
+    reference.py   `Reference`: the reference run, its snapshots, the scoring of each, the table; the model every
+                   scoring pass of the stage goes through
+    prompt_fit.py  prompt fit, PPL(response | prompt) / PPL(response alone), and its forward passes
+    report.py      the data report: its rows, its files, its prompt-fit passes (cached)
+    stage1.py      the entry points: `compute_confidence` (the table, reused or computed, then its report when
+                   missing: `table.report`) and `write_data_report` (the report of a finished table, trains nothing)
 
 Each snapshot is scored by `sftmix_trl.perplexity.score_perplexities` (the package's one perplexity engine, shared
 with evaluation; re-exported here with its batching and stats).
@@ -19,7 +24,7 @@ Everything lands in one folder (`confidence_dir`):
     snapshots/step-<s>/           reference adapter weights at each snapshot (PEFT format, safetensors)
     scores/step-<s>.parquet       per-snapshot perplexities, written as each scoring pass completes
     confidence.parquet            the table: example_id, ppl_<c>..., confidence, subset, num_response_tokens
-    metadata.json                 run.json plus exclusions, times and throughput
+    metadata.json                 run.json plus exclusions, times and throughput (the data report's passes too)
     confidence.png                the picture to look at before training
     report.parquet, report.md     the data report (`sftmix_trl.confidence.report`): the most suspicious examples first,
     data_map.png                  with their text, and confidence against variability coloured by prompt fit
@@ -29,7 +34,8 @@ rename), so a file that exists is complete.
 """
 
 from sftmix_trl.confidence.config import ConfidenceConfig
-from sftmix_trl.confidence.reference import compute_confidence, snapshot_steps
+from sftmix_trl.confidence.reference import Reference, snapshot_steps
+from sftmix_trl.confidence.stage1 import compute_confidence, write_data_report
 from sftmix_trl.confidence.table import (
     CONFIDENT,
     DATA_KEYS,
@@ -62,6 +68,7 @@ __all__ = [
     "ConfidenceConfig",
     "ConfidenceError",
     "ConfidenceTable",
+    "Reference",
     "check_metadata",
     "compute_confidence",
     "dataset_fingerprint",
@@ -69,4 +76,5 @@ __all__ = [
     "scores_all_turns",
     "snapshot_steps",
     "split_confidence",
+    "write_data_report",
 ]

@@ -1,5 +1,6 @@
-"""The reference run of SFTMix stage 1 and its orchestration: train a LoRA reference with NTP, snapshot its adapter
-C times, score every example at each snapshot, write the table. Every step resumes from the files it finds."""
+"""The reference of SFTMix stage 1 (`Reference`): train a LoRA reference with NTP, snapshot its adapter C times, score
+every example at each snapshot, write the table; or read back a finished table that fits. Every step resumes from the
+files it finds. The data report scores through the same reference (`Reference.scoring_model`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from sftmix_trl import __version__
 from sftmix_trl.atomic import atomic_write
 from sftmix_trl.confidence.config import ConfidenceConfig
 from sftmix_trl.confidence.plots import plot_confidence
-from sftmix_trl.confidence.report import report_pending, run_data_report
+from sftmix_trl.confidence.report import REPORT_TABLE
 from sftmix_trl.confidence.snapshots import load_snapshot
 from sftmix_trl.confidence.table import (
     DATA_KEYS,
@@ -137,77 +138,94 @@ def _versions() -> dict:
     }
 
 
-def compute_confidence(
-    train_dataset: Dataset,
-    model_args,
-    training_args,
-    config: ConfidenceConfig,
-    confidence_dir: str | os.PathLike,
-    must_exist: bool = False,
-    prepared: Dataset | None = None,
-) -> ConfidenceTable:
-    """Run (or resume, or reuse) the reference pass and return the confidence table.
+class Reference:
+    """Stage 1's reference as this process holds it: its tokenizer and what a table of it depends on (`expected`) at
+    once; its trainer (TRL's SFTTrainer with the LoRA reference) built on first use and kept. The reference run trains
+    through that trainer, and every scoring pass of the stage (snapshots, the data report's prompt fit) goes through
+    `scoring_model()`, which under FSDP and DeepSpeed is the trainer's wrapper that gathers the parameters.
 
     Args:
         train_dataset: normalised training data with an `example_id` column (`sftmix_trl.data.load.load_datasets`).
         model_args: `ModelArguments` of the model being trained; the reference uses its base unless
             `config.reference_model_name_or_path` names another.
         training_args: the run's `SFTConfig`/`SFTMixConfig` (precision, max length, seed, logging are shared).
-        config: the reference pass settings.
-        confidence_dir: folder of the artifact (see the package docstring).
-        must_exist: only load (and check) a finished table; never train a reference.
+        config: the stage's settings.
+        directory: the stage's folder (`confidence_dir`).
         prepared: `train_dataset` already prepared for the reference's tokenizer (`data.prepare.prepare_run_data`'s
             `reference_train`), so that it is not tokenised again; None: the reference's trainer prepares it.
     """
 
-    directory = Path(confidence_dir)
-    if len(train_dataset) < 2:
-        raise ConfidenceError(f"the confidence split needs at least 2 training examples, got {len(train_dataset)}")
-    reference_args = dataclasses.replace(
-        model_args, model_name_or_path=config.reference_model_name_or_path or model_args.model_name_or_path
-    )
-    all_turns = scores_all_turns(train_dataset, training_args)
-    tokenizer = load_tokenizer(
-        reference_args,
-        training_args.trust_remote_code,
-        training_args.chat_template_path,
-        assistant_only_loss=all_turns,
-    )
-    expected = expected_metadata(train_dataset, model_args, training_args, config, tokenizer)
-
-    # 1. A finished table that fits is reused; `must_exist` never trains
-    existing = None
-    if (directory / TABLE_FILE).is_file():
-        existing = _reuse_table(directory, expected, config, must_exist)
-        if must_exist or not report_pending(directory, config):
-            return existing
-    elif must_exist:
-        raise ConfidenceError(f"no confidence table in {directory} (expected {directory / TABLE_FILE})")
-    _claim(directory, expected)
-    # 2. The reference run, unless all its snapshots are on disk already
-    trainer, snapshots = _reference_trainer(
-        train_dataset, prepared, reference_args, training_args, config, tokenizer, directory
-    )
-    if existing is not None:  # a finished table without its data report (`sftmix-trl report`): only the report
-        logger.info("writing the data report of the table in %s (no training, no snapshot scoring)", directory)
-        run_data_report(
-            _scoring_model(trainer), trainer.train_dataset, train_dataset, tokenizer, existing, config, directory
+    def __init__(
+        self,
+        train_dataset: Dataset,
+        model_args,
+        training_args,
+        config: ConfidenceConfig,
+        directory: str | os.PathLike,
+        prepared: Dataset | None = None,
+    ):
+        self.train_dataset, self.training_args, self.config = train_dataset, training_args, config
+        self.directory, self._given_prepared = Path(directory), prepared
+        self.model_args = dataclasses.replace(
+            model_args, model_name_or_path=config.reference_model_name_or_path or model_args.model_name_or_path
         )
-        snapshots.trainer = None
-        return existing
-    steps, times = _train_reference(trainer, snapshots, directory)
-    # 3. Every example scored at every snapshot (each snapshot's scores are kept as they complete)
-    prepared = trainer.train_dataset
-    columns, scoring = _score_snapshots(trainer, prepared, steps, config, tokenizer, directory)
-    # 4. The table, its metadata and its picture
-    table = _build_table(train_dataset, prepared, columns, config, training_args)
-    table.metadata.update(run=expected, snapshot_steps=steps, scoring=scoring, **times)
-    if config.data_report:  # 5. the data report, before the table, so that its metadata records the report's passes
-        run_data_report(_scoring_model(trainer), prepared, train_dataset, tokenizer, table, config, directory)
-    _write_table(table, directory)
-    snapshots.trainer = None
-    del trainer
-    return table
+        self.tokenizer = load_tokenizer(
+            self.model_args,
+            training_args.trust_remote_code,
+            training_args.chat_template_path,
+            assistant_only_loss=scores_all_turns(train_dataset, training_args),
+        )
+        self.expected = expected_metadata(train_dataset, model_args, training_args, config, self.tokenizer)
+        self._trainer, self._snapshots = None, None
+
+    @property
+    def trainer(self):
+        if self._trainer is None:
+            self._trainer, self._snapshots = _reference_trainer(
+                self.train_dataset,
+                self._given_prepared,
+                self.model_args,
+                self.training_args,
+                self.config,
+                self.tokenizer,
+                self.directory,
+            )
+        return self._trainer
+
+    @property
+    def prepared(self) -> Dataset:
+        """The training data as the reference's trainer holds it: tokenised, each row keeping a response token."""
+        return self.trainer.train_dataset
+
+    def scoring_model(self):
+        """The model to score the reference through (see `_scoring_model`)."""
+        return _scoring_model(self.trainer)
+
+    def finished_table(self, must_exist: bool = False) -> ConfidenceTable:
+        """The finished table in the folder, refused unless it fits: a table named explicitly (`must_exist`) only has
+        to fit the data, the run's own folder everything. Cut at this run's `confident_fraction`."""
+        if not (self.directory / TABLE_FILE).is_file():
+            raise ConfidenceError(f"no confidence table in {self.directory} (expected {self.directory / TABLE_FILE})")
+        return _reuse_table(self.directory, self.expected, self.config, must_exist)
+
+    def compute_table(self) -> ConfidenceTable:
+        """The reference run, resumed from what the folder holds: train (unless every snapshot is on disk), score
+        each snapshot not scored yet, write the table, its metadata and its picture."""
+        _claim(self.directory, self.expected)
+        steps, times = _train_reference(self.trainer, self._snapshots, self.directory)
+        columns, scoring = _score_snapshots(
+            self.scoring_model(), self.prepared, steps, self.config, self.tokenizer, self.directory
+        )
+        table = _build_table(self.train_dataset, self.prepared, columns, self.config, self.training_args)
+        table.metadata.update(run=self.expected, snapshot_steps=steps, scoring=scoring, **times)
+        _write_table(table, self.directory)
+        return table
+
+    def release(self) -> None:
+        """Let the trainer and its model go (the snapshot callback holds the trainer too)."""
+        if self._snapshots is not None:
+            self._snapshots.trainer = None
+        self._trainer, self._snapshots = None, None
 
 
 def _reuse_table(directory: Path, expected: dict, config: ConfidenceConfig, must_exist: bool) -> ConfidenceTable:
@@ -230,7 +248,8 @@ def _reuse_table(directory: Path, expected: dict, config: ConfidenceConfig, must
 
 
 def _claim(directory: Path, expected: dict) -> None:
-    """Refuse a half-finished run of other settings in `directory`, then record this run's (`run.json`)."""
+    """Refuse a half-finished run of other settings in `directory`, then record this run's (`run.json`). A data
+    report found there belongs to no finished table: it goes, and the new table gets its own."""
     if (directory / SETTINGS_FILE).is_file():
         check_metadata(
             expected, {**METADATA_DEFAULTS, **json.loads((directory / SETTINGS_FILE).read_text())}, directory
@@ -239,6 +258,7 @@ def _claim(directory: Path, expected: dict) -> None:
     state.wait_for_everyone()
     if state.is_main_process:
         atomic_write(directory / SETTINGS_FILE, json.dumps(expected, indent=2, default=str))
+        (directory / REPORT_TABLE).unlink(missing_ok=True)
 
 
 def _reference_trainer(train_dataset, prepared, reference_args, training_args, config, tokenizer, directory: Path):
@@ -280,11 +300,10 @@ def _train_reference(trainer, snapshots: _SnapshotCallback, directory: Path) -> 
 
 
 def _score_snapshots(
-    trainer, prepared: Dataset, steps: list[int], config: ConfidenceConfig, tokenizer, directory: Path
+    model, prepared: Dataset, steps: list[int], config: ConfidenceConfig, tokenizer, directory: Path
 ) -> tuple[list[np.ndarray], list[dict]]:
     """(N,) perplexities per snapshot, each read back when a finished pass left them on disk, and the passes' stats."""
     state = PartialState()
-    model = _scoring_model(trainer)
     columns, scoring = [], []
     for c, step in enumerate(steps, start=1):
         scores_path = directory / "scores" / f"step-{step}.parquet"

@@ -16,6 +16,7 @@ ranking out of stage 2 and out of its confidence split.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from sftmix_trl.atomic import atomic_write
 from sftmix_trl.confidence.plots import plot_data_map
 from sftmix_trl.confidence.prompt_fit import adapter_disabled, prompt_fit, response_frame_ids, score_prompt_fit
 from sftmix_trl.confidence.snapshots import load_snapshot
-from sftmix_trl.confidence.table import ConfidenceError, ConfidenceTable
+from sftmix_trl.confidence.table import METADATA_FILE, ConfidenceError, ConfidenceTable
 from sftmix_trl.data.load import EXAMPLE_ID
 from sftmix_trl.sharded import load_adapter_state
 
@@ -189,9 +190,10 @@ def load_report(directory: str | os.PathLike) -> pa.Table:
     return pq.read_table(path)
 
 
-def report_pending(directory: str | os.PathLike, config) -> bool:
-    """Whether stage 1 still owes this folder its data report."""
-    return bool(config.data_report) and not (Path(directory) / REPORT_TABLE).is_file()
+def find_report(directory: str | os.PathLike) -> pa.Table | None:
+    """The finished data report in `directory`, or None when there is none."""
+    path = Path(directory) / REPORT_TABLE
+    return pq.read_table(path) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,9 +262,10 @@ def compute_prompt_fit(
 
 def run_data_report(
     scoring_model, prepared: Dataset, train_dataset: Dataset, tokenizer, table: ConfidenceTable, config, directory
-) -> None:
-    """Stage 1's report: the prompt-fit passes (cached), then the files, written by the main process. `table` gains
-    `metadata["data_report"]` (the passes' time, what was excluded)."""
+) -> pa.Table:
+    """The report of `table`: the prompt-fit passes through `scoring_model` (the reference's, see
+    `confidence.reference.Reference.scoring_model`; cached), then the files, written by the main process. The passes'
+    time is recorded in `table.metadata["data_report"]` and in the table's metadata.json."""
     from accelerate import PartialState
 
     directory = Path(directory)
@@ -277,6 +280,8 @@ def run_data_report(
         scoring_model, prepared, tokenizer, table, config, directory, last_snapshot
     )
     report = build_report(table, train_dataset, given, alone, config.exclude_suspicious_fraction)
+    record = {"prompt_fit_model": config.prompt_fit_model, "prompt_fit_seconds": seconds}
+    table.metadata["data_report"] = record
     if PartialState().is_main_process:
         write_report(
             report,
@@ -285,10 +290,9 @@ def run_data_report(
             config.prompt_fit_model,
             num_not_scored=int(table.metadata.get("num_excluded", 0)),
         )
+        # Into the file as stored: the table in memory may be cut at another run's `confident_fraction`
+        stored = json.loads((directory / METADATA_FILE).read_text())
+        atomic_write(directory / METADATA_FILE, json.dumps({**stored, "data_report": record}, indent=2, default=str))
         logger.info("data report written to %s (%s, %s, %s)", directory, REPORT_PAGE, DATA_MAP, REPORT_TABLE)
     PartialState().wait_for_everyone()
-    table.metadata["data_report"] = {"prompt_fit_model": config.prompt_fit_model, "prompt_fit_seconds": seconds}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage 2
+    return report

@@ -42,6 +42,9 @@ class ConfidenceTable:
     num_response_tokens: np.ndarray  # (N,)
     confident_fraction: float = 0.5
     metadata: dict = field(default_factory=dict)
+    # The data report beside the table (`confidence.report`: one row per scored example), None when there is none;
+    # stored in its own file, never in the table's
+    report: pa.Table | None = field(default=None, repr=False, compare=False)
 
     @property
     def confidence(self) -> np.ndarray:
