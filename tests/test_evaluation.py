@@ -17,13 +17,15 @@ from datasets import Dataset
 from sftmix_trl.adapter import check_adapter, load_with_adapter
 from sftmix_trl.configs import ModelArguments, parse_args
 from sftmix_trl.evaluation import (
+    MMLU_MEDICAL_SUBJECTS,
     TASKS,
     EvalArguments,
     EvalError,
     check_punkt,
     evaluate,
-    load_choice_file,
     load_ifeval,
+    load_medmcqa,
+    load_medqa,
     load_mmlu,
     load_pubmedqa,
     match_responses,
@@ -107,7 +109,7 @@ def test_the_ifeval_task_reproduces_the_published_gpt4_figures(nltk_data):
             raise NotImplementedError
 
     args = EvalArguments(tasks=["ifeval"], ifeval_data=str(IFEVAL_DIR / "input_data.jsonl"))
-    loaded = harness.load_tasks(args, lambda docs, groups: sample_items(docs, None, 0))
+    loaded = harness.load_tasks(args, lambda docs: sample_items(docs, None, 0))
     output = harness.run(Replay(), loaded, args, chat_template=False)
     figures, rows = harness.collect("ifeval", output, loaded["ifeval"])
     assert figures["n_prompts"] == 541
@@ -127,13 +129,6 @@ def test_this_packages_ifeval_task_is_lm_evals_on_a_local_file():
 
     from sftmix_trl.evaluation import harness, ifeval
 
-    def named(value):  # lm-eval loads its task's functions from the file: compare functions by their names
-        if callable(value):
-            return f"{value.__module__}.{value.__qualname__}"
-        if isinstance(value, dict):
-            return {k: named(v) for k, v in value.items()}
-        return [named(v) for v in value] if isinstance(value, list) else value
-
     ours = named(load_yaml(harness.TASKS_DIR / "sftmix_ifeval.yaml", resolve_func=True))
     theirs = named(load_yaml(Path(lm_eval.tasks.__file__).parent / "ifeval" / "ifeval.yaml", resolve_func=True))
     data_keys = {"task", "dataset_path", "dataset_name", "custom_dataset", "test_split", "process_results"}
@@ -142,6 +137,147 @@ def test_this_packages_ifeval_task_is_lm_evals_on_a_local_file():
     }
     assert theirs["process_results"] == named(utils.process_results)
     assert ours["process_results"] == named(ifeval.process_results)
+
+
+def named(value):
+    """A task config with its functions by name (lm-eval loads a task's functions from the file)."""
+    if callable(value):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, dict):
+        return {k: named(v) for k, v in value.items()}
+    return [named(v) for v in value] if isinstance(value, list) else value
+
+
+LM_EVAL_TASKS = {  # this package's task YAML -> lm-eval's own (under lm_eval/tasks/) that it runs on local files
+    "sftmix_pubmedqa": "pubmedqa/pubmedqa.yaml",
+    "sftmix_medmcqa": "medmcqa/medmcqa.yaml",
+    **{f"sftmix_mmlu_{s}": f"mmlu/default/mmlu_{s}.yaml" for s in MMLU_MEDICAL_SUBJECTS},
+}
+# Where the data comes from and which splits it has: the keys this package's tasks set differently
+DATA_KEYS = {"task", "tag", "dataset_path", "dataset_name", "custom_dataset", "dataset_kwargs"}
+DATA_KEYS |= {"training_split", "validation_split", "test_split"}
+
+
+def lm_eval_yaml(relative: str) -> dict:
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(Path(lm_eval.tasks.__file__).parent / relative, resolve_func=True)
+
+
+@pytest.mark.parametrize("ours", LM_EVAL_TASKS)
+def test_this_packages_multiple_choice_tasks_are_lm_evals_on_local_files(ours):
+    """Every key of tasks/<ours>.yaml but the data's equals lm-eval's task (an lm-eval upgrade that changes its task
+    shows here); the few-shot split MMLU reads is lm-eval's."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from sftmix_trl.evaluation import harness
+
+    mine = named(load_yaml(harness.TASKS_DIR / f"{ours}.yaml", resolve_func=True))
+    theirs = named(lm_eval_yaml(LM_EVAL_TASKS[ours]))
+    assert {k: v for k, v in mine.items() if k not in DATA_KEYS} == {
+        k: v for k, v in theirs.items() if k not in DATA_KEYS
+    }
+    assert mine["test_split"] == "test" and mine["custom_dataset"].startswith(str(harness.TASKS_DIR / "loaders."))
+
+
+def lm_evals_own_task(relative: str, ours):
+    """lm-eval's own task object from its YAML, on this package's loader (the same docs as `ours`) instead of the
+    Hub: only the dataset keys are replaced."""
+    from lm_eval.api.task import ConfigurableTask
+
+    config = {k: v for k, v in lm_eval_yaml(relative).items() if k not in ("dataset_path", "dataset_name", "tag")}
+    config.update(custom_dataset=ours.config.custom_dataset, dataset_kwargs=ours.config.dataset_kwargs)
+    return ConfigurableTask(config=config)
+
+
+def test_pubmedqa_and_mmlu_prompts_are_lm_evals(tmp_path):
+    """A doc read by this package's loader, rendered by its task, is the prompt lm-eval's own function renders and
+    the prompt lm-eval's own task object renders (MMLU: description, question, options, "Answer:"; with 5 shots from
+    the dev file), with lm-eval's options and target."""
+    from lm_eval.tasks.pubmedqa.preprocess_pubmedqa import doc_to_text
+
+    from sftmix_trl.evaluation import harness
+
+    data = write_eval_data(tmp_path)
+    shots = "".join(f"Dev question {n}?,a{n},b{n},c{n},d{n},{'ABCD'[n % 4]}\n" for n in range(5))
+    (Path(data["mmlu_medical_data"]) / "anatomy_dev.csv").write_text(shots)
+    args = EvalArguments(tasks=["pubmedqa", "mmlu_medical"], **data)
+    loaded = harness.load_tasks(args, lambda docs: list(range(len(docs))))
+    pubmedqa = loaded["pubmedqa"]["tasks"]["sftmix_pubmedqa"]
+    theirs = lm_evals_own_task("pubmedqa/pubmedqa.yaml", pubmedqa)
+    for doc in pubmedqa.eval_docs:
+        assert pubmedqa.fewshot_context(doc, 0) == doc_to_text(doc) == theirs.fewshot_context(doc, 0)
+        assert doc_to_text(doc) == "Abstract: Study {0}.\nResults.\nQuestion: Does drug {0} help?\nAnswer:".format(
+            doc["id"]
+        )
+        assert pubmedqa.doc_to_choice(doc) == ["yes", "no", "maybe"] == theirs.doc_to_choice(doc)
+        assert pubmedqa.doc_to_target(doc) == theirs.doc_to_target(doc) == doc["final_decision"]
+
+    anatomy = loaded["mmlu_medical"]["tasks"]["sftmix_mmlu_anatomy"]
+    theirs = lm_evals_own_task("mmlu/default/mmlu_anatomy.yaml", anatomy)
+    doc = anatomy.eval_docs[1]
+    assert (
+        anatomy.fewshot_context(doc, 0)
+        == theirs.fewshot_context(doc, 0)
+        == (
+            "The following are multiple choice questions (with answers) about anatomy.\n\n"
+            "Which, muscle?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+        )
+    )
+    assert anatomy.doc_to_target(doc) == theirs.doc_to_target(doc) == 2
+    five = anatomy.fewshot_context(doc, 5)
+    assert five == theirs.fewshot_context(doc, 5)
+    assert five.startswith(
+        "The following are multiple choice questions (with answers) about anatomy.\n\n"
+        "Dev question 0?\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer: A\n\nDev question 1?"
+    )
+    assert five.endswith(
+        "Dev question 4?\nA. a4\nB. b4\nC. c4\nD. d4\nAnswer: A\n\nWhich, muscle?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
+
+
+@needs_shared
+def test_real_pubmedqa_and_mmlu_prompts_are_lm_evals():
+    """The same on the real files: every PubMedQA test prompt, every MMLU anatomy prompt (0 and 5 shots)."""
+    from lm_eval.tasks.pubmedqa.preprocess_pubmedqa import doc_to_text
+
+    from sftmix_trl.evaluation import harness
+
+    folder = SHARED / "eval"
+    args = EvalArguments(
+        tasks=["pubmedqa", "mmlu_medical"],
+        pubmedqa_data=str(folder / "pubmedqa"),
+        mmlu_medical_data=str(folder / "mmlu_medical"),
+        mmlu_split="val",
+        mmlu_subjects=["anatomy"],
+    )
+    loaded = harness.load_tasks(args, lambda docs: list(range(len(docs))))
+    pubmedqa = loaded["pubmedqa"]["tasks"]["sftmix_pubmedqa"]
+    theirs = lm_evals_own_task("pubmedqa/pubmedqa.yaml", pubmedqa)
+    assert len(pubmedqa.eval_docs) == 500
+    for doc in pubmedqa.eval_docs:
+        assert pubmedqa.fewshot_context(doc, 0) == doc_to_text(doc) == theirs.fewshot_context(doc, 0)
+    anatomy = loaded["mmlu_medical"]["tasks"]["sftmix_mmlu_anatomy"]
+    theirs = lm_evals_own_task("mmlu/default/mmlu_anatomy.yaml", anatomy)
+    assert len(anatomy.eval_docs) == 14
+    for doc in anatomy.eval_docs:
+        for shots in (0, 5):
+            assert anatomy.fewshot_context(doc, shots) == theirs.fewshot_context(doc, shots)
+    assert anatomy.fewshot_context(anatomy.eval_docs[0], 0).endswith("\nC. Tolerance\nD. Homeostasis\nAnswer:")
+
+
+def test_few_shot_runs_without_separate_examples_are_refused(tmp_path):
+    data = write_eval_data(tmp_path)
+    with pytest.raises(EvalError, match=r"`num_fewshot` 3 with medqa, medmcqa: each reads one file"):
+        EvalArguments(tasks=["pubmedqa", "medqa", "medmcqa"], num_fewshot=3, **data)
+    with pytest.raises(EvalError, match=r"`num_fewshot` 5 with `mmlu_split` dev"):
+        EvalArguments(tasks=["mmlu_medical"], num_fewshot=5, mmlu_split="dev", **data)
+    with pytest.raises(EvalError, match=r"`mmlu_subjects` \['virology'\] are not among mmlu_medical's"):
+        EvalArguments(tasks=["mmlu_medical"], **{**data, "mmlu_subjects": ["anatomy", "virology"]})
+    args = EvalArguments(tasks=["mmlu_medical"], num_fewshot=5, **data)  # the folder has no anatomy_dev.csv
+    with pytest.raises(EvalError, match=r"sftmix_mmlu_anatomy has 0 few-shot examples; .* anatomy_dev\.csv"):
+        load_task_data(args)
 
 
 def test_match_responses_takes_the_longest_common_prefix():
@@ -206,48 +342,45 @@ def test_ifeval_scores_simple_responses(nltk_data):
 
 @needs_shared
 def test_real_pubmedqa_and_mmlu_files_load():
-    items = load_pubmedqa(str(SHARED / "eval" / "pubmedqa"))
-    assert len(items) == 500
-    assert {i.answer for i in items} == {0, 1, 2}
-    assert items[0].context.startswith("Abstract: ") and items[0].context.endswith("\nAnswer:")
-    mmlu = load_mmlu(str(SHARED / "eval" / "mmlu_medical"), ["anatomy", "medical_genetics"], "val", limit=12)
-    assert [i.group for i in mmlu].count("mmlu_anatomy") == 12
-    assert [i.group for i in mmlu].count("mmlu_medical_genetics") == 11  # fewer than the limit
-    assert mmlu[0].context.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
-    assert mmlu[0].context.endswith("\nD. Homeostasis\nAnswer:")
-    assert mmlu[0].answer == 3
+    test = load_pubmedqa(str(SHARED / "eval" / "pubmedqa"))
+    train = load_pubmedqa(str(SHARED / "eval" / "pubmedqa"), "train")
+    assert len(test) == len(train) == 500 and not {i["id"] for i in test} & {i["id"] for i in train}
+    assert {i["final_decision"] for i in test} == {"yes", "no", "maybe"}
+    assert set(test[0]) == {"id", "QUESTION", "CONTEXTS", "final_decision"} and isinstance(test[0]["CONTEXTS"], list)
+    folder = str(SHARED / "eval" / "mmlu_medical")
+    assert len(load_mmlu(folder, "anatomy", "val", limit=12)) == 12
+    assert len(load_mmlu(folder, "medical_genetics", "val", limit=12)) == 11  # fewer than the limit
+    first = load_mmlu(folder, "anatomy", "val")[0]
+    assert first["choices"][3] == "Homeostasis" and first["answer"] == 3 and first["subject"] == "anatomy"
+    assert len(load_mmlu(folder, "anatomy", "dev")) == 5
 
 
-def test_limit_draws_a_seeded_sample_per_group_in_file_order():
+def test_limit_draws_a_seeded_sample_in_file_order():
     items = list(range(100))
     assert sample_items(items, None, 0) == items
     drawn = sample_items(items, 10, 0)
     assert len(drawn) == 10 and drawn == sorted(drawn) and drawn != list(range(10))
     assert sample_items(items, 10, 0) == drawn and sample_items(items, 10, 1) != drawn
-    groups = ["a"] * 30 + ["b"] * 5 + ["c"] * 65
-    per_group = sample_items(items, 8, 0, groups)
-    assert [groups[i] for i in per_group].count("a") == 8
-    assert [groups[i] for i in per_group].count("b") == 5  # fewer than the limit: all of them
-    assert [groups[i] for i in per_group].count("c") == 8
+    assert sample_items(items[:5], 8, 0) == list(range(5))  # fewer than the limit: all of them
 
 
 @needs_shared
 def test_limited_pubmedqa_is_not_the_label_sorted_prefix():
     """PubMedQA's test labels are sorted (its first 276 are "yes"): a limit must not score only one answer."""
     args = EvalArguments(tasks=["pubmedqa"], pubmedqa_data=str(SHARED / "eval" / "pubmedqa"), limit=40)
-    assert {item.answer for item in load_pubmedqa(args.pubmedqa_data, limit=40)} == {0}
+    assert {item["final_decision"] for item in load_pubmedqa(args.pubmedqa_data, limit=40)} == {"yes"}
     entry = load_task_data(args)["pubmedqa"]  # lm-eval's task and the items it scores
     ((name, task),) = entry["tasks"].items()
     assert len(entry["samples"][name]) == 40
-    assert {task.eval_docs[i]["answer"] for i in entry["samples"][name]} == {0, 1, 2}
+    assert {task.eval_docs[i]["final_decision"] for i in entry["samples"][name]} == {"yes", "no", "maybe"}
 
 
 def test_mmlu_row_with_a_missing_column_is_named(tmp_path):
     (tmp_path / "anatomy_test.csv").write_text("Q1?,a,b,c,d,A\nQ2?,a,b,c,d\n")
     with pytest.raises(EvalError, match=r"anatomy_test\.csv, row 2: missing field 'answer'"):
-        load_mmlu(str(tmp_path), ["anatomy"])
+        load_mmlu(str(tmp_path), "anatomy")
     with pytest.raises(EvalError, match=r"MMLU file not found: .*anatomy_val\.csv"):
-        load_mmlu(str(tmp_path), ["anatomy"], "val")
+        load_mmlu(str(tmp_path), "anatomy", "val")
 
 
 def test_medqa_schema_and_its_errors(tmp_path):
@@ -257,19 +390,22 @@ def test_medqa_schema_and_its_errors(tmp_path):
         {"question": "Q3", "options": ["x", "y"], "answer": "y"},
         {"question": "Q4", "options": {"A": "x", "B": "y"}, "answer": "x", "answer_idx": "A"},  # MedQA's own form
     ]
-    items = load_choice_file(str(write_jsonl(tmp_path / "medqa.jsonl", records)), "medqa")
+    items = load_medqa(str(write_jsonl(tmp_path / "medqa.jsonl", records)))
     assert [i.answer for i in items] == [1, 3, 1, 0]
     assert items[0].context == "Question: Q1\nA. x\nB. y\nC. z\nAnswer:"
     assert items[0].choices == ["A", "B", "C"]
-    medmcqa = load_choice_file(str(tmp_path / "medqa.jsonl"), "medmcqa", limit=1)
-    assert medmcqa[0].context == "Question: Q1\nChoices:\nA. x\nB. y\nC. z\nAnswer:"
+    # MedMCQA: lm-eval's schema (opa-opd, cop), four options per question
+    (medmcqa,) = load_medmcqa(str(write_jsonl(tmp_path / "medmcqa.jsonl", [{**records[1], "id": "q2"}])))
+    assert medmcqa == {"id": "q2", "question": "Q2", "opa": "x", "opb": "y", "opc": "z", "opd": "w", "cop": 3}
+    with pytest.raises(EvalError, match=r"medqa\.jsonl, line 1: a MedMCQA question has 4 options \(A-D\), this one 3"):
+        load_medmcqa(str(tmp_path / "medqa.jsonl"))
 
     write_jsonl(tmp_path / "bad.jsonl", [records[0], {"question": "Q", "answer": "A"}])
     with pytest.raises(EvalError, match=r"bad\.jsonl, line 2: missing field 'options'"):
-        load_choice_file(str(tmp_path / "bad.jsonl"), "medqa")
+        load_medqa(str(tmp_path / "bad.jsonl"))
     write_jsonl(tmp_path / "bad.jsonl", [{**records[0], "answer": "E"}])
     with pytest.raises(EvalError, match=r"bad\.jsonl, line 1: field 'answer' is 'E'"):
-        load_choice_file(str(tmp_path / "bad.jsonl"), "medqa")
+        load_medqa(str(tmp_path / "bad.jsonl"))
 
 
 def test_pubmedqa_record_without_a_question_is_named(tmp_path):
@@ -585,12 +721,23 @@ def write_eval_data(folder: Path) -> dict:
     mmlu.mkdir()
     (mmlu / "anatomy_test.csv").write_text('Which bone?,Femur,Tibia,Ulna,Radius,A\n"Which, muscle?",a,b,c,d,C\n')
     write_jsonl(folder / "medqa.jsonl", [{"question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "A"}] * 2)
+    medmcqa = [
+        {"id": "m1", "question": "Which vitamin?", "options": ["A", "B12", "C", "D"], "answer": 1},
+        {
+            "id": "m2",
+            "question": "Which organ?",
+            "options": {"A": "Liver", "B": "Lung", "C": "Heart", "D": "Skin"},
+            "answer": "C",
+        },
+    ]
+    write_jsonl(folder / "medmcqa.jsonl", medmcqa)
     return {
         "ifeval_data": str(folder / "input_data.jsonl"),
         "pubmedqa_data": str(pubmedqa),
         "mmlu_medical_data": str(mmlu),
         "mmlu_subjects": ["anatomy"],
         "medqa_data": str(folder / "medqa.jsonl"),
+        "medmcqa_data": str(folder / "medmcqa.jsonl"),
         "perplexity_data": str(DEMO_DATA / "health_qa.json"),
     }
 
@@ -720,10 +867,44 @@ def test_evaluation_max_length_that_leaves_no_scored_token_is_refused_before_loa
         EvalArguments(tasks=["perplexity"], perplexity_data="data/demo/health_qa.json", max_length=1)
 
 
+def hand_questions(data: dict, subjects: list[str]) -> dict[str, list[tuple[str, str, list[str], int]]]:
+    """(id, prompt, options, answer) of every question of `write_eval_data`'s files, each prompt written out here in
+    the benchmark's lm-eval format (not through lm-eval)."""
+    mmlu = []
+    for subject in subjects:
+        description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
+        for q in load_mmlu(data["mmlu_medical_data"], subject):
+            listed = "".join(f"\n{letter}. {option}" for letter, option in zip("ABCD", q["choices"]))
+            mmlu.append(
+                (q["id"], f"{description}\n\n{q['question'].strip()}{listed}\nAnswer:", list("ABCD"), q["answer"])
+            )
+    pubmedqa = [
+        (
+            q["id"],
+            "Abstract: {}\nQuestion: {}\nAnswer:".format("\n".join(q["CONTEXTS"]), q["QUESTION"]),
+            ["yes", "no", "maybe"],
+            ["yes", "no", "maybe"].index(q["final_decision"]),
+        )
+        for q in load_pubmedqa(data["pubmedqa_data"])
+    ]
+    medmcqa = [
+        (
+            q["id"],
+            f"Question: {q['question']}\nChoices:\nA. {q['opa']}\nB. {q['opb']}\nC. {q['opc']}\nD. {q['opd']}\nAnswer:",
+            list("ABCD"),
+            q["cop"],
+        )
+        for q in load_medmcqa(data["medmcqa_data"])
+    ]
+    medqa = [(q.id, q.context, q.choices, q.answer) for q in load_medqa(data["medqa_data"])]
+    return {"pubmedqa": pubmedqa, "mmlu_medical": mmlu, "medqa": medqa, "medmcqa": medmcqa}
+
+
 def test_this_packages_tasks_through_lm_eval_score_as_computed_by_hand(tiny_model, tiny_tokenizer, tmp_path):
     """lm-eval's `HFLM` on the model built here: every option's log-likelihood is the one a forward pass gives (the
-    prompt in the benchmark's format, the option after one space), the prediction its argmax, the figures the mean;
-    IFEval's responses are the greedy replies through the chat template (`sftmix_trl.after_training.generate`, batched apart)."""
+    prompt in the benchmark's format, the option after one space), the prediction its argmax, the figures the mean
+    (MMLU's over all its questions, each subject's over its own); IFEval's responses are the greedy replies through
+    the chat template (`sftmix_trl.after_training.generate`, batched apart)."""
     from transformers import LlamaForCausalLM
 
     from sftmix_trl.after_training.generate import generate_replies
@@ -733,30 +914,33 @@ def test_this_packages_tasks_through_lm_eval_score_as_computed_by_hand(tiny_mode
     if have_nltk:
         os.environ["NLTK_DATA"] = str(NLTK_DATA)
     data = write_eval_data(tmp_path)
-    tasks = ["pubmedqa", "mmlu_medical", "medqa"] + (["ifeval"] if have_nltk else [])
+    (Path(data["mmlu_medical_data"]) / "medical_genetics_test.csv").write_text("Which gene?,BRCA1,TP53,CFTR,HBB,D\n")
+    data["mmlu_subjects"] = ["anatomy", "medical_genetics"]  # 2 and 1 questions: the average weighs by size
+    tasks = ["pubmedqa", "mmlu_medical", "medqa", "medmcqa"] + (["ifeval"] if have_nltk else [])
     model_args = ModelArguments(model_name_or_path=str(tiny_model), load_in_4bit=False)
     args = EvalArguments(tasks=tasks, output_dir=str(tmp_path / "out"), max_new_tokens=12, batch_size=2, **data)
     results = evaluate(args, model_args)["results"]
     model = LlamaForCausalLM.from_pretrained(tiny_model).eval()
-    items = {
-        "pubmedqa": load_pubmedqa(data["pubmedqa_data"]),
-        "mmlu_medical": load_mmlu(data["mmlu_medical_data"], data["mmlu_subjects"]),
-        "medqa": load_choice_file(data["medqa_data"], "medqa"),
-    }
-    for task, questions in items.items():
+    for task, questions in hand_questions(data, data["mmlu_subjects"]).items():
         rows = read_jsonl(tmp_path / "out" / f"samples_{task}.jsonl")
-        assert [r["id"] for r in rows] == [q.id for q in questions]
-        for row, question in zip(rows, questions):
-            scores = [hand_log_likelihood(model, tiny_tokenizer, question.context, " " + c) for c in question.choices]
+        assert [r["id"] for r in rows] == [q[0] for q in questions]
+        for row, (_, prompt, options, answer) in zip(rows, questions):
+            scores = [hand_log_likelihood(model, tiny_tokenizer, prompt, " " + c) for c in options]
             assert row["loglikelihoods"] == pytest.approx(scores, abs=1e-4)
-            assert row["prediction"] == scores.index(max(scores)) and row["answer"] == question.answer
-            assert row["acc"] == float(row["prediction"] == question.answer)
-            lengths = [len(c) for c in question.choices]  # acc_norm: lm-eval's, per character of the option
-            normalised = [s / n for s, n in zip(scores, lengths)]
-            assert row["acc_norm"] == float(normalised.index(max(normalised)) == question.answer)
+            assert row["prediction"] == scores.index(max(scores)) and row["answer"] == answer
+            assert row["acc"] == float(row["prediction"] == answer)
+            # acc_norm where lm-eval's task reports it (medmcqa; medqa as it): per character of the option
+            assert ("acc_norm" in row) == (task in ("medqa", "medmcqa")) == ("acc_norm" in results[task])
+            if "acc_norm" in row:
+                normalised = [s / len(c) for s, c in zip(scores, options)]
+                assert row["acc_norm"] == float(normalised.index(max(normalised)) == answer)
         assert results[task]["acc"] == pytest.approx(sum(r["acc"] for r in rows) / len(rows))
         assert results[task]["n"] == len(questions)
-    assert results["mmlu_medical"]["subjects"]["anatomy"]["n"] == 2
+    rows = read_jsonl(tmp_path / "out" / "samples_mmlu_medical.jsonl")
+    for subject, figures in results["mmlu_medical"]["subjects"].items():
+        own = [r["acc"] for r in rows if r["group"] == f"mmlu_{subject}"]
+        assert figures == {"acc": pytest.approx(sum(own) / len(own)), "n": len(own)}
+    assert [results["mmlu_medical"]["subjects"][s]["n"] for s in data["mmlu_subjects"]] == [2, 1]
     if have_nltk:
         prompts = load_ifeval(data["ifeval_data"])
         conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]

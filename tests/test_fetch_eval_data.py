@@ -66,12 +66,11 @@ def test_mmlu_rows_from_the_hub_become_the_csv_files_the_task_reads(tmp_path):
     ]
     for subject in MMLU_MEDICAL_SUBJECTS:
         fetch.write_mmlu(rows, tmp_path / "mmlu_medical", subject, "val")
-    items = load_mmlu(str(tmp_path / "mmlu_medical"), list(MMLU_MEDICAL_SUBJECTS), "val")
-    assert len(items) == 12
-    first = items[0]
-    assert first.choices == ["A", "B", "C", "D"] and first.answer == 1
-    assert "Which bone, of the arm?\nA. Femur\nB. Humerus\nC. Tibia\nD. Ulna, radius\nAnswer:" in first.context
-    assert items[1].answer == 3
+    for subject in MMLU_MEDICAL_SUBJECTS:  # cais/mmlu's schema, which lm-eval's mmlu tasks read
+        items = load_mmlu(str(tmp_path / "mmlu_medical"), subject, "val")
+        assert [{k: v for k, v in item.items() if k != "id"} for item in items] == [
+            {**r, "subject": subject} for r in rows
+        ]
 
 
 def test_pubmedqa_files_land_where_the_task_reads_them(tmp_path):
@@ -81,9 +80,10 @@ def test_pubmedqa_files_land_where_the_task_reads_them(tmp_path):
     }
     files = {"ori_pqal.json": json.dumps(records).encode(), "test_ground_truth.json": json.dumps({"2": "no"}).encode()}
     fetch.write_pubmedqa(files, tmp_path / "pubmedqa")
-    items = load_pubmedqa(str(tmp_path / "pubmedqa"))
-    assert [(i.id, i.answer) for i in items] == [("2", 1)]
-    assert items[0].context == "Abstract: Three.\nQuestion: Is it bad?\nAnswer:"
+    assert load_pubmedqa(str(tmp_path / "pubmedqa")) == [
+        {"id": "2", "QUESTION": "Is it bad?", "CONTEXTS": ["Three."], "final_decision": "no"}
+    ]
+    assert [i["id"] for i in load_pubmedqa(str(tmp_path / "pubmedqa"), "train")] == ["1"]
 
 
 def test_the_printed_evaluate_line_parses(tmp_path):

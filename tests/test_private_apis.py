@@ -187,6 +187,24 @@ def check_lm_eval_yaml_loader():  # evaluation.harness: the project's task files
     assert parameters(load_yaml)[0] == "path"
 
 
+def check_lm_eval_task_functions():  # evaluation/tasks/*.yaml: lm-eval's own tasks' functions, by module path
+    import importlib
+    import re
+
+    from sftmix_trl.evaluation.harness import TASKS_DIR
+
+    named = {
+        m for path in TASKS_DIR.glob("*.yaml") for m in re.findall(r"!function (lm_eval\.[\w.]+)", path.read_text())
+    }
+    assert {
+        "lm_eval.tasks.pubmedqa.preprocess_pubmedqa.doc_to_text",
+        "lm_eval.tasks.medmcqa.utils_medmcqa.doc_to_text",
+    } <= named
+    for qualified in named:
+        module, _, function = qualified.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), function)), qualified
+
+
 def check_lm_eval_hflm_attributes():  # evaluation.harness: rank, world size and length of a model built here
     from lm_eval.models.huggingface import HFLM
 
@@ -220,6 +238,7 @@ PRIVATE_APIS = {
     "torch FSDP1: _lazy_init, _handle, FlatParameter._fqns, wrapper prefixes": check_fsdp1_internals,
     "lm_eval.tasks._yaml_loader.load_yaml": check_lm_eval_yaml_loader,
     "lm_eval HFLM._rank/_world_size/_max_length": check_lm_eval_hflm_attributes,
+    "lm_eval.tasks.<task>.<module> functions of the project's task YAMLs": check_lm_eval_task_functions,
 }
 
 

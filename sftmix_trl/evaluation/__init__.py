@@ -7,7 +7,7 @@
 
 from sftmix_trl.errors import EvalError
 from sftmix_trl.evaluation.args import MMLU_MEDICAL_SUBJECTS, TASKS, EvalArguments
-from sftmix_trl.evaluation.choice import ChoiceItem, load_choice_file, load_mmlu, load_pubmedqa
+from sftmix_trl.evaluation.choice import ChoiceItem, load_medmcqa, load_medqa, load_mmlu, load_pubmedqa
 from sftmix_trl.evaluation.ifeval import IFEvalPrompt, check_punkt, load_ifeval, match_responses, score_ifeval
 from sftmix_trl.evaluation.perplexity import load_perplexity_data, response_perplexity
 from sftmix_trl.evaluation.runner import evaluate
@@ -21,8 +21,9 @@ __all__ = [
     "IFEvalPrompt",
     "check_punkt",
     "evaluate",
-    "load_choice_file",
     "load_ifeval",
+    "load_medmcqa",
+    "load_medqa",
     "load_mmlu",
     "load_perplexity_data",
     "load_pubmedqa",

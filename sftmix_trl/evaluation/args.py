@@ -91,7 +91,7 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "Folder of MMLU CSV files named <subject>_<split>.csv, without header: question, A, B, C, D, "
-            "answer letter."
+            "answer letter (<subject>_dev.csv: the few-shot examples of a `num_fewshot` run)."
         },
     )
     mmlu_split: str = field(
@@ -100,7 +100,10 @@ class EvalArguments:
     )
     mmlu_subjects: list[str] = field(
         default_factory=lambda: list(MMLU_MEDICAL_SUBJECTS),
-        metadata={"help": "MMLU subjects scored by the `mmlu_medical` task; each is reported on its own too."},
+        metadata={
+            "help": f"MMLU subjects scored by the `mmlu_medical` task (some of {', '.join(MMLU_MEDICAL_SUBJECTS)}; "
+            "other subjects are lm-eval's own mmlu_<subject> tasks); each is reported on its own too."
+        },
     )
     medqa_data: str | None = field(
         default=None,
@@ -112,7 +115,10 @@ class EvalArguments:
     )
     medmcqa_data: str | None = field(
         default=None,
-        metadata={"help": "MedMCQA as a local .json/.jsonl file, in the same schema as `medqa_data`."},
+        metadata={
+            "help": "MedMCQA as a local .json/.jsonl file, in the same schema as `medqa_data`, four options per "
+            "question."
+        },
     )
     perplexity_data: str | None = field(
         default=None,
@@ -163,7 +169,8 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "Few-shot examples for lm-eval tasks that take them (unset: each task's own default, 0 for this "
-            "package's tasks)."
+            "package's tasks). PubMedQA's come from the labelled items outside its test split, MMLU's from "
+            "<subject>_dev.csv; medqa and medmcqa (one file each) take none."
         },
     )
     apply_chat_template: bool = field(
@@ -194,8 +201,17 @@ class EvalArguments:
         for task in (t for t in self.tasks if t in TASK_DATA):
             if getattr(self, TASK_DATA[task]) in (None, ""):
                 raise EvalError(f"task {task!r} needs `{TASK_DATA[task]}`: where its data is")
-        if "mmlu_medical" in self.tasks and not self.mmlu_subjects:
-            raise EvalError("`mmlu_subjects` is empty")
+        if "mmlu_medical" in self.tasks:
+            if not self.mmlu_subjects:
+                raise EvalError("`mmlu_subjects` is empty")
+            unknown = [s for s in self.mmlu_subjects if s not in MMLU_MEDICAL_SUBJECTS]
+            if unknown:
+                raise EvalError(
+                    f"`mmlu_subjects` {unknown} are not among mmlu_medical's {', '.join(MMLU_MEDICAL_SUBJECTS)}; "
+                    "other MMLU subjects run as lm-eval's own tasks (e.g. `--tasks mmlu_virology`)"
+                )
+        if self.num_fewshot:
+            self._check_fewshot()
         for name in ("max_new_tokens", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise EvalError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -207,6 +223,20 @@ class EvalArguments:
             raise EvalError(f"`perplexity_turns` must be one of {ASSISTANT_TURNS}, got {self.perplexity_turns!r}")
         if self.perplexity_held_out < 0:
             raise EvalError(f"`perplexity_held_out` must be >= 0, got {self.perplexity_held_out}")
+
+    def _check_fewshot(self) -> None:
+        """Few-shot examples must not be scored questions: refuse the runs whose only examples would be."""
+        one_file = [t for t in ("medqa", "medmcqa") if t in self.tasks]
+        if one_file:
+            raise EvalError(
+                f"`num_fewshot` {self.num_fewshot} with {', '.join(one_file)}: each reads one file, so its few-shot "
+                "examples would be scored questions; run it in a separate evaluation without `num_fewshot`"
+            )
+        if "mmlu_medical" in self.tasks and self.mmlu_split == "dev":
+            raise EvalError(
+                f"`num_fewshot` {self.num_fewshot} with `mmlu_split` dev: MMLU's few-shot examples are the dev "
+                "questions; score test or val"
+            )
 
 
 def validate_tasks(tasks: list[str]) -> None:

@@ -12,7 +12,7 @@ import difflib
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from accelerate import Accelerator, PartialState
@@ -93,8 +93,9 @@ def check_task_names(tasks: list[str], package_tasks: tuple[str, ...]) -> None:
             )
 
 
-def _spec(task: str, eval_args: EvalArguments) -> str | dict:
-    """What lm-eval loads for a task: this package's YAML pointed at the user's files, or the stock name."""
+def _spec(task: str, eval_args: EvalArguments):
+    """What lm-eval loads for a task: this package's YAML pointed at the user's files (for `mmlu_medical`, the group
+    of the `mmlu_subjects` tasks), or the stock name."""
     if is_task_file(task):
         return str(Path(task).expanduser())
     if task not in PACKAGE_TASKS:
@@ -102,20 +103,47 @@ def _spec(task: str, eval_args: EvalArguments) -> str | dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     config = load_yaml(TASKS_DIR / f"{PACKAGE_TASKS[task]}.yaml", resolve_func=True)
-    kwargs: dict[str, Any] = {"data": getattr(eval_args, f"{task}_data")}
     if task == "mmlu_medical":
-        kwargs.update(subjects=list(eval_args.mmlu_subjects), split=eval_args.mmlu_split)
+        return _mmlu_group(config, eval_args)
     if task == "ifeval":
         config["generation_kwargs"] = {**config["generation_kwargs"], "max_gen_toks": eval_args.max_new_tokens}
-    return {**config, "dataset_kwargs": kwargs}
+    return {**config, "dataset_kwargs": {"data": getattr(eval_args, f"{task}_data")}}
+
+
+def _mmlu_group(config: dict, eval_args: EvalArguments):
+    """The sftmix_mmlu_medical group (its YAML's aggregation) of the `mmlu_subjects` tasks on the user's files. Built
+    here, not from a dict spec: lm-eval passes a group dict's own keys on to its tasks as overrides."""
+    from lm_eval.api.group import Group
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    kwargs = {"data": eval_args.mmlu_medical_data, "split": eval_args.mmlu_split}
+    members = []
+    for subject in eval_args.mmlu_subjects:
+        member = load_yaml(TASKS_DIR / f"sftmix_mmlu_{subject}.yaml", resolve_func=True)
+        members.append({**member, "dataset_kwargs": {**member["dataset_kwargs"], **kwargs}})
+    group = Group.from_config({k: v for k, v in config.items() if k != "task"})
+    for task_obj in task_manager(stock=False).load(members)["tasks"].values():
+        group.add(task_obj)
+    return group
+
+
+def _check_fewshot(name: str, task_obj, eval_args: EvalArguments) -> None:
+    """A few-shot run needs that many examples apart from the scored ones (MMLU's from `<subject>_dev.csv`)."""
+    shots = eval_args.num_fewshot or 0
+    if shots and len(task_obj.fewshot_docs()) < shots:
+        subject = name.removeprefix("sftmix_mmlu_")
+        raise EvalError(
+            f"`num_fewshot` {shots}: {name} has {len(task_obj.fewshot_docs())} few-shot examples; MMLU's come from "
+            f"{subject}_dev.csv in `mmlu_medical_data`"
+        )
 
 
 def load_tasks(eval_args: EvalArguments, sample) -> dict[str, dict]:
     """lm-eval's tasks for every task of `eval_args` but perplexity, their data read and checked now (before any
     model is loaded), and the items each one scores.
 
-    Returns {task as the user wrote it: {"tasks": {lm-eval task name: Task}, "groups": {...}, "samples": {lm-eval
-    task name: item indices}}}. `sample(docs, groups)` chooses the items (a seeded sample when `limit` is set).
+    Returns {task as the user wrote it: {"tasks": {lm-eval task name: Task}, "groups": {...}, "top": [the groups and
+    tasks that no group holds], "samples": {lm-eval task name: item indices}}}. `sample(docs)` chooses a task's items (a seeded sample when `limit` is set).
     """
     loaded = {}
     for task in eval_args.tasks:
@@ -130,11 +158,15 @@ def load_tasks(eval_args: EvalArguments, sample) -> dict[str, dict]:
             raise EvalError(f"lm-eval could not load task {task!r}: {type(error).__name__}: {error}") from None
         samples = {}
         for name, task_obj in built["tasks"].items():
+            if task == "mmlu_medical":
+                _check_fewshot(name, task_obj, eval_args)
             docs = task_obj.eval_docs
-            groups = [doc["group"] for doc in docs] if task == "mmlu_medical" else None
-            samples[name] = sample(docs, groups)
+            samples[name] = sample(docs)
             logger.info("%s: %d of %d items", name, len(samples[name]), len(docs))
-        loaded[task] = {"tasks": built["tasks"], "groups": built.get("groups", {}), "samples": samples}
+        groups = built.get("groups", {})
+        members = {child for children in built.get("group_map", {}).values() for child in children}
+        top = [obj for name, obj in [*groups.items(), *built["tasks"].items()] if name not in members]
+        loaded[task] = {"tasks": built["tasks"], "groups": groups, "top": top, "samples": samples}
     return loaded
 
 
@@ -156,6 +188,8 @@ def run(lm, loaded: dict[str, dict], eval_args: EvalArguments, chat_template: bo
     main process, None on the others."""
     from lm_eval import simple_evaluate
 
+    # The top-level groups, not only their tasks: lm-eval aggregates a group only when it is handed the group
+    top = [obj for entry in loaded.values() for obj in entry["top"]]
     tasks = [t for entry in loaded.values() for t in entry["tasks"].values()]
     samples = {name: indices for entry in loaded.values() for name, indices in entry["samples"].items()}
     generating = any(t.get_config("output_type") == "generate_until" for t in tasks)
@@ -163,7 +197,7 @@ def run(lm, loaded: dict[str, dict], eval_args: EvalArguments, chat_template: bo
     lm._max_length = eval_args.max_length + (eval_args.max_new_tokens if generating else 0)
     return simple_evaluate(
         lm,
-        tasks=tasks,
+        tasks=top,
         samples=samples,
         num_fewshot=eval_args.num_fewshot,
         apply_chat_template=chat_template,
@@ -178,29 +212,25 @@ def run(lm, loaded: dict[str, dict], eval_args: EvalArguments, chat_template: bo
 # lm-eval's output -> this package's figures and samples
 
 
-def _accuracy(rows: list[dict]) -> dict[str, float]:
-    n = len(rows)
-    return {
-        "acc": sum(r["acc"] for r in rows) / n if n else float("nan"),
-        "acc_norm": sum(r["acc_norm"] for r in rows) / n if n else float("nan"),
-        "n": n,
-    }
-
-
-def _choice_samples(logged: list[dict]) -> list[dict]:
+def _choice_samples(logged: list[dict], task_obj, group: str) -> list[dict]:
+    """One row per question: its id, the right option, the prediction, every option's log-likelihood and lm-eval's
+    per-question metrics (acc, and acc_norm where the task reports it)."""
+    metrics = list(task_obj.aggregation())
     rows = []
     for s in sorted(logged, key=lambda s: s["doc_id"]):
-        scores = [float(r[0]) for r in s["filtered_resps"]]
         doc = s["doc"]
+        scores = [float(r[0]) for r in s["filtered_resps"]]
+        answer = task_obj.doc_to_target(doc)
+        if isinstance(answer, str):  # PubMedQA's target is the option's text
+            answer = task_obj.doc_to_choice(doc).index(answer)
         rows.append(
             {
                 "id": doc["id"],
-                "group": doc["group"],
-                "answer": doc["answer"],
+                "group": group,
+                "answer": answer,
                 "prediction": int(np.argmax(scores)),
                 "loglikelihoods": scores,
-                "acc": float(s["acc"]),
-                "acc_norm": float(s["acc_norm"]),
+                **{metric: float(s[metric]) for metric in metrics},
             }
         )
     return rows
@@ -233,26 +263,30 @@ def _figures(entry: dict) -> dict:
 def collect(task: str, output: dict, loaded: dict) -> tuple[dict, dict[str, list[dict]]]:
     """This package's figures and per-sample rows for one task as the user wrote it.
 
-    Returns (figures, {samples file suffix: rows}): this package's tasks keep their earlier shape (acc, acc_norm, n
-    and the MMLU subjects; IFEval's four accuracies); an lm-eval task gives every figure lm-eval reports, per task
-    and group, and its own per-sample records.
+    Returns (figures, {samples file suffix: rows}): this package's tasks give lm-eval's figures and `n` (MMLU: the
+    group's, and each subject's under `subjects`; IFEval's four accuracies and its counts); an lm-eval task gives
+    every figure lm-eval reports, per task and group, and its own per-sample records.
     """
     names = list(loaded["tasks"])
+    if task == "ifeval":
+        (name,) = names
+        rows = _ifeval_samples(output["samples"][name])
+        figures = _figures(output["results"][name])
+        figures["n_prompts"] = len(rows)
+        figures["n_instructions"] = sum(len(r["instruction_id_list"]) for r in rows)
+        return figures, {task: rows}
+    if task == "mmlu_medical":
+        subjects, rows = {}, []
+        for name in names:
+            subject = name.removeprefix("sftmix_mmlu_")
+            rows += _choice_samples(output["samples"][name], loaded["tasks"][name], f"mmlu_{subject}")
+            subjects[subject] = {**_figures(output["results"][name]), "n": len(output["samples"][name])}
+        (group,) = loaded["groups"]
+        return {**_figures(output["results"][group]), "n": len(rows), "subjects": subjects}, {task: rows}
     if task in PACKAGE_TASKS:
         (name,) = names
-        logged = output["samples"][name]
-        if task == "ifeval":
-            rows = _ifeval_samples(logged)
-            figures = _figures(output["results"][name])
-            figures["n_prompts"] = len(rows)
-            figures["n_instructions"] = sum(len(r["instruction_id_list"]) for r in rows)
-            return figures, {task: rows}
-        rows = _choice_samples(logged)
-        figures = {**_figures(output["results"][name]), "n": len(rows)}
-        if task == "mmlu_medical":
-            subjects = dict.fromkeys(r["group"].removeprefix("mmlu_") for r in rows)
-            figures["subjects"] = {s: _accuracy([r for r in rows if r["group"] == f"mmlu_{s}"]) for s in subjects}
-        return figures, {task: rows}
+        rows = _choice_samples(output["samples"][name], loaded["tasks"][name], task)
+        return {**_figures(output["results"][name]), "n": len(rows)}, {task: rows}
     figures, samples = {}, {}
     for name in [*loaded["groups"], *names]:
         if name in output["results"]:

@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
 
 
-def sample_items(items: Sequence, limit: int | None, seed: int, groups: Sequence | None = None) -> list[int]:
-    """Indices of `limit` items (of each group), drawn at random with `seed`, in their original order.
+def sample_items(items: Sequence, limit: int | None, seed: int) -> list[int]:
+    """Indices of `limit` items, drawn at random with `seed`, in their original order.
 
     Not the first `limit`: files are often sorted, and PubMedQA's test labels are (its first 276 answers are all
     "yes"), so a prefix measures one answer's rate. The draw depends only on the file and the seed, so every model
@@ -34,13 +34,7 @@ def sample_items(items: Sequence, limit: int | None, seed: int, groups: Sequence
     """
     if limit is None:
         return list(range(len(items)))
-    groups = list(groups) if groups is not None else [None] * len(items)
-    rng = random.Random(seed)
-    chosen = []
-    for group in dict.fromkeys(groups):
-        members = [i for i, g in enumerate(groups) if g == group]
-        chosen += rng.sample(members, min(limit, len(members)))
-    return sorted(chosen)
+    return sorted(random.Random(seed).sample(range(len(items)), min(limit, len(items))))
 
 
 def load_task_data(eval_args: EvalArguments) -> dict:
@@ -61,11 +55,7 @@ def load_task_data(eval_args: EvalArguments) -> dict:
         )
         data["perplexity"] = items.select(sample_items(items, eval_args.limit, eval_args.limit_seed))
         logger.info("perplexity: %d items", len(data["perplexity"]))
-    data.update(
-        harness.load_tasks(
-            eval_args, lambda docs, groups: sample_items(docs, eval_args.limit, eval_args.limit_seed, groups)
-        )
-    )
+    data.update(harness.load_tasks(eval_args, lambda docs: sample_items(docs, eval_args.limit, eval_args.limit_seed)))
     return data
 
 
