@@ -144,15 +144,7 @@ class Reference:
     through that trainer, and every scoring pass of the stage (snapshots, the data report's prompt fit) goes through
     `scoring_model()`, which under FSDP and DeepSpeed is the trainer's wrapper that gathers the parameters.
 
-    Args:
-        train_dataset: normalised training data with an `example_id` column (`sftmix_trl.data.load.load_datasets`).
-        model_args: `ModelArguments` of the model being trained; the reference uses its base unless
-            `config.reference_model_name_or_path` names another.
-        training_args: the run's `SFTConfig`/`SFTMixConfig` (precision, max length, seed, logging are shared).
-        config: the stage's settings.
-        directory: the stage's folder (`confidence_dir`).
-        prepared: `train_dataset` already prepared for the reference's tokenizer (`data.prepare.prepare_run_data`'s
-            `reference_train`), so that it is not tokenised again; None: the reference's trainer prepares it.
+    Arguments as `compute_confidence`'s (`sftmix_trl.confidence.stage1`), `directory` being its `confidence_dir`.
     """
 
     def __init__(
