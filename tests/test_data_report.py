@@ -22,6 +22,7 @@ from sftmix_trl.confidence import (
 from sftmix_trl.confidence.prompt_fit import prompt_fit, response_frame_ids, score_prompt_fit, strip_prompts
 from sftmix_trl.confidence.report import (
     build_report,
+    find_report,
     message_text,
     report_markdown,
     suspicious_ranks,
@@ -134,7 +135,10 @@ def test_report_rows_join_to_the_data_and_rank_by_prompt_fit(tmp_path):
 
 def test_exclusion_leaves_the_top_share_out_of_the_data_and_the_split(tmp_path):
     table, dataset, given, alone = _toy()
+    with pytest.raises(ConfidenceError, match="no data report"):  # a table without its report
+        exclude_suspicious(table, dataset, tmp_path, 0.25)
     write_report(build_report(table, dataset, given, alone), tmp_path, 3, "base")
+    table.report = find_report(tmp_path)
     kept, kept_data, left_out = exclude_suspicious(table, dataset, tmp_path, 0.25)
     assert left_out == ["id7", "id6"]
     assert sorted(kept.example_ids) == sorted(kept_data[EXAMPLE_ID]) == [f"id{i}" for i in range(6)]
@@ -142,8 +146,6 @@ def test_exclusion_leaves_the_top_share_out_of_the_data_and_the_split(tmp_path):
     assert confident == ["id0", "id1", "id2"] and unconfident == ["id3", "id4", "id5"]
     assert kept.metadata["num_suspicious_excluded"] == 2 and kept.metadata["suspicious_excluded_ids"] == left_out
     assert exclude_suspicious(table, dataset, tmp_path, 0.0) == (table, dataset, [])
-    with pytest.raises(ConfidenceError, match="no data report"):
-        exclude_suspicious(table, dataset, tmp_path / "elsewhere", 0.25)
 
 
 def test_config_checks_the_report_settings():

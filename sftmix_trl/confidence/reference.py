@@ -171,7 +171,9 @@ class Reference:
         self._trainer, self._snapshots = None, None
 
     @property
-    def trainer(self):
+    def trainer(self) -> TruncatingSFTTrainer:
+        """The reference's trainer, built (the model loaded) on first use: a finished table with its report needs
+        none."""
         if self._trainer is None:
             self._trainer, self._snapshots = _reference_trainer(
                 self.train_dataset,

@@ -180,16 +180,6 @@ def write_report(report: pa.Table, directory: str | os.PathLike, top_k: int, pro
     atomic_write(directory / REPORT_TABLE, report)
 
 
-def load_report(directory: str | os.PathLike) -> pa.Table:
-    path = Path(directory) / REPORT_TABLE
-    if not path.is_file():
-        raise ConfidenceError(
-            f"no data report in {directory} (expected {REPORT_TABLE}): run stage 1 with `data_report: true`, or "
-            "`sftmix-trl report --config ...` on an existing table"
-        )
-    return pq.read_table(path)
-
-
 def find_report(directory: str | os.PathLike) -> pa.Table | None:
     """The finished data report in `directory`, or None when there is none."""
     path = Path(directory) / REPORT_TABLE

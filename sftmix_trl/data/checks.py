@@ -90,7 +90,9 @@ def prepare_like_trl(dataset: Dataset, tokenizer, args, trainer_class: type = SF
     return preparer._prepare_dataset(dataset, tokenizer, copy.copy(args), packing, None, name)
 
 
-def drop_unrenderable(dataset: Dataset | None, tokenizers: Sequence, drops: DropLog, name: str = "train"):
+def drop_unrenderable(
+    dataset: Dataset | None, tokenizers: Sequence, drops: DropLog, name: str = "train"
+) -> Dataset | None:
     """`dataset` without the examples a chat template of `tokenizers` refuses to render (its `raise_exception`, e.g.
     "roles must alternate" or "system role not supported"), each counted in `drops` with the template's own message.
     Every example of `dataset` enters the dropped share once, however many tokenizers read it."""
@@ -122,7 +124,9 @@ def drop_unrenderable(dataset: Dataset | None, tokenizers: Sequence, drops: Drop
     return dataset.select(keep)
 
 
-def prepare_split(dataset: Dataset, tokenizer, args, trainer_class: type, name: str, drops: DropLog, need: Need):
+def prepare_split(
+    dataset: Dataset, tokenizer, args, trainer_class: type, name: str, drops: DropLog, need: Need
+) -> Dataset:
     """`dataset` as `trainer_class` prepares it for the split `name` (`prepare_like_trl`), the examples that
     truncation leaves without a reply counted in `drops` and logged. Stops when fewer than `need.count` keep one,
     naming the `max_length` that keeps them."""
@@ -136,11 +140,13 @@ def prepare_split(dataset: Dataset, tokenizer, args, trainer_class: type, name: 
         drops.add("truncated", drops.location(example_id), stage="check", key=example_id)
     if lost:
         logger.warning(
-            "%d of %d %s examples lose their whole response to truncation at max_length=%s and are left out, e.g. %s",
+            "%d of %d %s examples lose their whole response to truncation at max_length=%s under the tokenizer of %s "
+            "and are left out, e.g. %s",
             len(lost),
             len(dataset),
             SPLIT_NAMES[name],
             args.max_length,
+            tokenizer.name_or_path,
             ", ".join(drops.location(example_id) for example_id in lost_ids[:SHOWN_LOCATIONS]),
         )
     return prepared

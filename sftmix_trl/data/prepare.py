@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from sftmix_trl.data.checks import (
     CONFIDENCE_SPLIT,
     EVALUATION,
@@ -34,7 +36,7 @@ class RunData:
     drops: DropLog  # every record dropped so far, for the log, `sftmix_run.json` and the model card
 
 
-def reference_tokenizer_of_its_own(model_args, training_args, confidence_config):
+def reference_tokenizer_of_its_own(model_args, training_args, confidence_config) -> PreTrainedTokenizerBase | None:
     """The tokenizer of a stage-1 reference model other than the model trained (`reference_model_name_or_path`);
     None when the reference is the model's base or the run has no stage 1 (`confidence_config` None)."""
     reference = confidence_config.reference_model_name_or_path if confidence_config is not None else None
@@ -63,7 +65,8 @@ def prepare_run_data(
             evaluates on the held-out set; None for stage 1 alone (`confidence`, `report`).
         confidence_config: the run's `ConfidenceConfig` when it has a stage 1 (all but `sft`): a reference trains on
             the training set and scores it, with its own tokenizer when `reference_model_name_or_path` names another
-            model. The counts stage 1 needs beyond two examples are stage 1's to check (`confidence.table.check_counts`).
+            model. The counts stage 1 needs beyond two examples are stage 1's to check
+            (`confidence.table.check_counts`).
     """
     drops = DropLog(script_args.max_dropped_fraction)
     train_dataset, eval_dataset = load_datasets(script_args, drops)
@@ -76,9 +79,9 @@ def prepare_run_data(
         training_args.chat_template_path,
         training_args.assistant_only_loss,
     )
-    reference_tokenizer = reference_tokenizer_of_its_own(model_args, training_args, confidence_config)
     if trainer_class is not None:
         refuse_eval_strategy_without_eval(training_args, eval_dataset)
+    reference_tokenizer = reference_tokenizer_of_its_own(model_args, training_args, confidence_config)
 
     # Stage 2 trains only examples stage 1 scored: what either template refuses leaves the training set
     both = (tokenizer,) if reference_tokenizer is None else (tokenizer, reference_tokenizer)

@@ -20,6 +20,8 @@ from accelerate import Accelerator, PartialState
 from sftmix_trl.errors import EvalError
 
 if TYPE_CHECKING:  # `args` validates task names through this module: a type-only import keeps the graph acyclic
+    from lm_eval.api.group import Group
+
     from sftmix_trl.evaluation.args import EvalArguments
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ def check_task_names(tasks: list[str], package_tasks: tuple[str, ...]) -> None:
             )
 
 
-def _spec(task: str, eval_args: EvalArguments):
+def _spec(task: str, eval_args: EvalArguments) -> str | dict | Group:
     """What lm-eval loads for a task: this package's YAML pointed at the user's files (for `mmlu_medical`, the group
     of the `mmlu_subjects` tasks), or the stock name."""
     if is_task_file(task):
@@ -143,7 +145,8 @@ def load_tasks(eval_args: EvalArguments, sample) -> dict[str, dict]:
     model is loaded), and the items each one scores.
 
     Returns {task as the user wrote it: {"tasks": {lm-eval task name: Task}, "groups": {...}, "top": [the groups and
-    tasks that no group holds], "samples": {lm-eval task name: item indices}}}. `sample(docs)` chooses a task's items (a seeded sample when `limit` is set).
+    tasks that no group holds], "samples": {lm-eval task name: item indices}}}. `sample(docs)` chooses a task's items
+    (a seeded sample when `limit` is set).
     """
     loaded = {}
     for task in eval_args.tasks:

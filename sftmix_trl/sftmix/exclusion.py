@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from sftmix_trl.confidence.report import REPORT_PAGE, load_report, num_excluded
+from sftmix_trl.confidence.report import REPORT_PAGE, REPORT_TABLE, num_excluded
 from sftmix_trl.confidence.table import ConfidenceError, ConfidenceTable
 from sftmix_trl.data.load import EXAMPLE_ID
 
@@ -19,11 +19,17 @@ logger = logging.getLogger(__name__)
 def exclude_suspicious(
     table: ConfidenceTable, train_dataset: Dataset, directory: str | os.PathLike, fraction: float
 ) -> tuple[ConfidenceTable, Dataset, list[str]]:
-    """The table and the training data without the floor(fraction x N) most suspicious examples of the report in
-    `directory`; the confidence split is then made over the examples that remain. Returns the left-out ids too."""
+    """The table and the training data without the floor(fraction x N) most suspicious examples of the table's data
+    report (`table.report`, as `compute_confidence` returns it from `directory`); the confidence split is then made
+    over the examples that remain. Returns the left-out ids too."""
     if fraction <= 0:
         return table, train_dataset, []
-    report = load_report(directory).select([EXAMPLE_ID, "suspicious_rank"]).to_pydict()
+    if table.report is None:
+        raise ConfidenceError(
+            f"no data report in {directory} (expected {REPORT_TABLE}): run stage 1 with `data_report: true`, or "
+            "`sftmix-trl report --config ...` on an existing table"
+        )
+    report = table.report.select([EXAMPLE_ID, "suspicious_rank"]).to_pydict()
     if sorted(report[EXAMPLE_ID]) != sorted(table.example_ids):
         raise ConfidenceError(
             f"the data report in {directory} does not cover the confidence table's examples: rerun "
