@@ -237,6 +237,33 @@ def test_pubmedqa_and_mmlu_prompts_are_lm_evals(tmp_path):
     )
 
 
+def test_any_mmlu_subject_is_lm_evals_own_task_on_the_local_file(tmp_path):
+    """A subject beyond the six medical ones (no YAML of this package) renders as lm-eval's own mmlu_<subject>, with
+    its description; a subject MMLU does not have is refused before any model is loaded, with the close names."""
+    from sftmix_trl.evaluation import harness
+
+    data = write_eval_data(tmp_path)
+    (Path(data["mmlu_medical_data"]) / "virology_test.csv").write_text("Which virus?,HIV,HPV,HCV,HBV,B\n")
+    args = EvalArguments(tasks=["mmlu_medical"], **{**data, "mmlu_subjects": ["anatomy", "virology"]})
+    loaded = harness.load_tasks(args, lambda docs: list(range(len(docs))))
+    virology = loaded["mmlu_medical"]["tasks"]["sftmix_mmlu_virology"]
+    theirs = lm_evals_own_task("mmlu/default/mmlu_virology.yaml", virology)
+    doc = virology.eval_docs[0]
+    assert (
+        virology.fewshot_context(doc, 0)
+        == theirs.fewshot_context(doc, 0)
+        == (
+            "The following are multiple choice questions (with answers) about virology.\n\n"
+            "Which virus?\nA. HIV\nB. HPV\nC. HCV\nD. HBV\nAnswer:"
+        )
+    )
+    assert virology.doc_to_target(doc) == theirs.doc_to_target(doc) == 1
+    assert sorted(loaded["mmlu_medical"]["tasks"]) == ["sftmix_mmlu_anatomy", "sftmix_mmlu_virology"]
+    args = EvalArguments(tasks=["mmlu_medical"], **{**data, "mmlu_subjects": ["virolgy"]})
+    with pytest.raises(EvalError, match=r"MMLU has no subject 'virolgy' .*did you mean virology"):
+        harness.load_tasks(args, lambda docs: list(range(len(docs))))
+
+
 @needs_shared
 def test_real_pubmedqa_and_mmlu_prompts_are_lm_evals():
     """The same on the real files: every PubMedQA test prompt, every MMLU anatomy prompt (0 and 5 shots)."""
@@ -273,8 +300,6 @@ def test_few_shot_runs_without_separate_examples_are_refused(tmp_path):
         EvalArguments(tasks=["pubmedqa", "medqa", "medmcqa"], num_fewshot=3, **data)
     with pytest.raises(EvalError, match=r"`num_fewshot` 5 with `mmlu_split` dev"):
         EvalArguments(tasks=["mmlu_medical"], num_fewshot=5, mmlu_split="dev", **data)
-    with pytest.raises(EvalError, match=r"`mmlu_subjects` \['virology'\] are not among mmlu_medical's"):
-        EvalArguments(tasks=["mmlu_medical"], **{**data, "mmlu_subjects": ["anatomy", "virology"]})
     args = EvalArguments(tasks=["mmlu_medical"], num_fewshot=5, **data)  # the folder has no anatomy_dev.csv
     with pytest.raises(EvalError, match=r"sftmix_mmlu_anatomy has 0 few-shot examples; .* anatomy_dev\.csv"):
         load_task_data(args)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import yaml
 from accelerate import Accelerator, PartialState
 
 from sftmix_trl.errors import EvalError
@@ -116,17 +117,40 @@ def _mmlu_group(config: dict, eval_args: EvalArguments):
     """The sftmix_mmlu_medical group (its YAML's aggregation) of the `mmlu_subjects` tasks on the user's files. Built
     here, not from a dict spec: lm-eval passes a group dict's own keys on to its tasks as overrides."""
     from lm_eval.api.group import Group
-    from lm_eval.tasks._yaml_loader import load_yaml
 
     kwargs = {"data": eval_args.mmlu_medical_data, "split": eval_args.mmlu_split}
     members = []
     for subject in eval_args.mmlu_subjects:
-        member = load_yaml(TASKS_DIR / f"sftmix_mmlu_{subject}.yaml", resolve_func=True)
+        member = _mmlu_subject_task(subject)
         members.append({**member, "dataset_kwargs": {**member["dataset_kwargs"], **kwargs}})
     group = Group.from_config({k: v for k, v in config.items() if k != "task"})
     for task_obj in task_manager(stock=False).load(members)["tasks"].values():
         group.add(task_obj)
     return group
+
+
+def _mmlu_subject_task(subject: str) -> dict:
+    """lm-eval's mmlu_<subject> task on the local CSVs: this package's YAML for the six medical subjects; any other
+    subject lm-eval knows is built from the same template with lm-eval's own description of it."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours = TASKS_DIR / f"sftmix_mmlu_{subject}.yaml"
+    if ours.is_file():
+        return load_yaml(ours, resolve_func=True)
+    theirs = Path(lm_eval.tasks.__file__).parent / "mmlu" / "default" / f"mmlu_{subject}.yaml"
+    if not theirs.is_file():
+        known = sorted(p.stem.removeprefix("mmlu_") for p in theirs.parent.glob("mmlu_*.yaml"))
+        close = difflib.get_close_matches(subject, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise EvalError(f"`mmlu_subjects`: MMLU has no subject {subject!r} (lm-eval's mmlu lists {len(known)}){hint}")
+    return {
+        **load_yaml(TASKS_DIR / "_sftmix_mmlu_template.yaml", resolve_func=True),
+        "task": f"sftmix_mmlu_{subject}",
+        "task_alias": subject,
+        "description": yaml.safe_load(theirs.read_text())["description"],
+        "dataset_kwargs": {"subject": subject},
+    }
 
 
 def _check_fewshot(name: str, task_obj, eval_args: EvalArguments) -> None:
