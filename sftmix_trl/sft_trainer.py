@@ -7,24 +7,26 @@
   `position_ids` when there is no attention mask ((sum of L)^2 booleans).
 - `TruncatingSFTTrainer`: `SFTTrainer` that keeps `max_length` under `padding_free` and does not prepare a dataset
   twice (the stage-1 reference trains through it).
-- `NTPTrainer`: resumes from a checkpoint with the numerics it started with and saves its final adapter under any
-  engine. `recipes/sft.py` trains through it directly and `SFTMixTrainer` as its subclass, so a resumed run is the same
-  computation as an uninterrupted one in both.
+- `NTPTrainer`: resumes from a checkpoint with the numerics it started with and saves its adapter, final and in every
+  checkpoint, under any engine. `recipes/sft.py` trains through it directly and `SFTMixTrainer` as its subclass, so a
+  resumed run is the same computation as an uninterrupted one in both.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 from transformers.utils.generic import is_flash_attention_requested
 from trl import SFTTrainer
 
 from sftmix_trl.errors import SFTMixError
-from sftmix_trl.sharded import save_adapter
+from sftmix_trl.sharded import load_adapter_state, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -134,18 +136,35 @@ class NTPTrainer(TruncatingSFTTrainer):
         """Under FSDP and DeepSpeed, the adapter alone, gathered to the main process's CPU and written in PEFT's
         format: transformers' own save writes nothing under FSDP's SHARDED_STATE_DICT (the shipped
         `fsdp_qlora.yaml`), gathers the whole base under FULL_STATE_DICT, and under ZeRO-3 writes no adapter unless
-        16-bit gathering on save is on. Checkpoints (`_internal_call`) keep transformers' format, which resuming
-        reads; other engines keep transformers' save (the same files)."""
-        if _internal_call or not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        16-bit gathering on save is on. Other engines keep transformers' save (the same files).
+
+        A checkpoint (`_internal_call`: transformers' `_save_checkpoint` calls this first, before the optimizer,
+        the trainer state, a `hub_strategy` push and the rotation of old checkpoints) keeps transformers' files,
+        which resuming reads, and gets the adapter and the tokenizer beside them, as on one process: every
+        checkpoint can be evaluated, merged or pushed like the final adapter."""
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             super().save_model(output_dir, _internal_call)
             return
-        save_adapter(self.model_wrapped, output_dir or self.args.output_dir, self.is_world_process_zero())
-        if self.args.push_to_hub:
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+        save_adapter(self.model_wrapped, output_dir, self.is_world_process_zero())  # a collective: every process
+        if _internal_call:
+            if self.args.should_save and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        elif self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        adapter_file = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if self.is_fsdp_enabled and os.path.isfile(adapter_file):
+            # transformers' FSDP files hold no adapter under FSDP1 (accelerate picks the adapter's entries by module
+            # names, which FSDP1's wrappers change: it writes 0 tensors), so the run would resume from its initial
+            # adapter; the checkpoint's own adapter (`save_model`) is loaded into the shards, under FSDP2 too (the
+            # same values). A collective: every process resumes here
+            load_adapter_state(model if model is not None else self.model, load_file(adapter_file))
         # PEFT's `load_adapter` rebuilds the adapter in float32, while TRL trains a 4-bit base's adapter in bf16: put
         # back the dtype the run started with, or the resumed run continues with other numerics than the original
         for name, param in self.model.named_parameters():

@@ -1,7 +1,8 @@
 """The Mixup loss through FSDP: `SFTMixTrainer.compute_loss` on an FSDP-wrapped model (2 CPU processes, gloo) gives
 the loss and the update of the bare model, for FSDP1 (the shipped `fsdp_qlora.yaml`, with a 4-bit base too) and FSDP2;
 and the trainer's final save (`save_model`, as `after_training.save.train_save_publish` calls it) under the shipped
-SHARDED_STATE_DICT writes the adapter that one process writes after the same step.
+SHARDED_STATE_DICT writes the adapter that one process writes after the same step; so does a checkpoint written during
+training (transformers' `_save_checkpoint`, beside its FSDP files), and resuming from that checkpoint restores it.
 
 accelerate builds FSDP only on accelerators (on a CPU it falls back to DDP), so the worker wraps the model with
 torch's FSDP itself, the way accelerate and transformers do on GPUs (PEFT's auto-wrap policy, `use_orig_params=False`
@@ -149,6 +150,35 @@ def worker(model_path: str, variant: str, out_dir: str) -> None:
         bare.save_pretrained(os.path.join(out_dir, "one_process"))
     state.wait_for_everyone()
 
+    # A checkpoint as a `save_strategy: steps` run writes it (transformers' `_save_checkpoint`, under accelerate's own
+    # plugin with the shipped SHARDED_STATE_DICT), then resumed from as `train(resume_from_checkpoint=...)` does under
+    # FSDP, into an adapter moved away from the saved values
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from sftmix_trl.sharded import gather_adapter_state
+
+    trainer.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=1 if variant.startswith("fsdp1") else 2, state_dict_type="SHARDED_STATE_DICT"
+    )
+    trainer.optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.0)
+    trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+    trainer.state.global_step = 1
+    trainer._save_checkpoint(wrapped, trial=None)
+    with torch.no_grad():
+        for param in wrapped.parameters():
+            if param.requires_grad:
+                param.zero_()
+    checkpoint = os.path.join(args.output_dir, "checkpoint-1")
+    trainer._load_from_checkpoint(checkpoint, wrapped)
+    trainer._load_optimizer_and_scheduler(checkpoint)
+    resumed = gather_adapter_state(wrapped)
+    if state.is_main_process:
+        from safetensors.torch import save_file
+
+        key = type(bare.base_model)._remove_adapter_name_from_key
+        save_file({key(n, "default"): v for n, v in resumed.items()}, os.path.join(out_dir, "resumed.safetensors"))
+    state.wait_for_everyone()
+
     Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps(result))
 
 
@@ -193,6 +223,33 @@ def test_final_save_under_fsdp_writes_the_one_process_adapter(fsdp_run):
     assert json.loads((final / "adapter_config.json").read_text()) == json.loads(
         (one / "adapter_config.json").read_text()
     )
+
+
+@pytest.mark.slow
+def test_checkpoints_under_fsdp_hold_the_adapter_and_resume_from_it(fsdp_run, tiny_model):
+    """A checkpoint written during training holds the adapter in PEFT's format (what `evaluate`, `merge`, `generate`
+    and a checkpoint push read) beside transformers' FSDP files, and resuming from it restores that adapter."""
+    from safetensors.torch import load_file
+
+    from sftmix_trl.adapter import check_adapter
+    from sftmix_trl.configs import ModelArguments
+
+    _, out = fsdp_run
+    checkpoint, one = out / "trainer" / "checkpoint-1", out / "one_process"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert (checkpoint / "adapter_model.safetensors").is_file(), f"no adapter: {sorted(os.listdir(checkpoint))}"
+    assert (checkpoint / "tokenizer_config.json").is_file()
+    assert json.loads((checkpoint / "adapter_config.json").read_text()) == json.loads(
+        (one / "adapter_config.json").read_text()
+    )
+    check_adapter(str(checkpoint), ModelArguments(model_name_or_path=str(tiny_model)))
+    expected = load_file(one / "adapter_model.safetensors")
+    for saved in (checkpoint / "adapter_model.safetensors", out / "resumed.safetensors"):
+        found = load_file(saved)
+        assert sorted(found) == sorted(expected) and len(found) > 0, saved
+        for key, value in expected.items():
+            assert found[key].dtype == value.dtype and found[key].shape == value.shape, f"{saved.name}: {key}"
+            assert (found[key] - value).abs().max().item() < 1e-5, f"{saved.name}: {key}"
 
 
 if __name__ == "__main__":

@@ -87,6 +87,23 @@ def check_load_from_checkpoint():  # NTPTrainer: resume in the run's dtypes
     assert parameters(Trainer._load_from_checkpoint) == ["self", "resume_from_checkpoint", "model"]
 
 
+def check_checkpoint_save_order():  # NTPTrainer.save_model: a checkpoint's adapter lands before a push or rotation
+    from transformers import Trainer
+
+    assert parameters(Trainer.save_model) == ["self", "output_dir", "_internal_call"]
+    text = source(Trainer._save_checkpoint)
+    saved = text.index("self.save_model(output_dir, _internal_call=True)")
+    assert saved < text.index("self._push_from_checkpoint(") and saved < text.index("rotate_checkpoints(")
+
+
+def check_fsdp_resume_loads_from_checkpoint():  # NTPTrainer._load_from_checkpoint: the adapter under FSDP
+    from transformers import Trainer
+
+    text = source(Trainer._prepare_for_training)
+    assert "self._load_from_checkpoint(resume_from_checkpoint, self.model_wrapped)" in text
+    assert "self.is_fsdp_enabled" in text
+
+
 def check_bnb_4bit_quantize_convert():  # model.quantize_on
     from transformers.integrations.bitsandbytes import Bnb4bitQuantize
 
@@ -226,6 +243,10 @@ PRIVATE_APIS = {
     "transformers.Trainer._run_epoch": check_run_epoch,
     "transformers.Trainer._get_num_items_in_batch": check_get_num_items_in_batch,
     "transformers.Trainer._load_from_checkpoint": check_load_from_checkpoint,
+    "transformers.Trainer.save_model(_internal_call) first in _save_checkpoint": check_checkpoint_save_order,
+    "transformers.Trainer._prepare_for_training: FSDP resume through _load_from_checkpoint": (
+        check_fsdp_resume_loads_from_checkpoint
+    ),
     "transformers.integrations.bitsandbytes.Bnb4bitQuantize.convert": check_bnb_4bit_quantize_convert,
     "transformers.PretrainedConfig._attn_implementation": check_attn_implementation,
     "transformers.utils.generic.is_flash_attention_requested": check_is_flash_attention_requested,
