@@ -157,8 +157,15 @@ class NTPTrainer(TruncatingSFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         adapter_file = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        fsdp1 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
+        if fsdp1 and not os.path.isfile(adapter_file):
+            raise SFTMixError(
+                f"{resume_from_checkpoint} holds no adapter_model.safetensors: under FSDP1 transformers' sharded "
+                "files hold no adapter, so the run would resume from its initial adapter. Resume from a checkpoint "
+                "that has one (this package writes it into every checkpoint), or start the run again"
+            )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.is_fsdp_enabled and os.path.isfile(adapter_file):
             # transformers' FSDP files hold no adapter under FSDP1 (accelerate picks the adapter's entries by module
             # names, which FSDP1's wrappers change: it writes 0 tensors), so the run would resume from its initial

@@ -177,6 +177,21 @@ def worker(model_path: str, variant: str, out_dir: str) -> None:
 
         key = type(bare.base_model)._remove_adapter_name_from_key
         save_file({key(n, "default"): v for n, v in resumed.items()}, os.path.join(out_dir, "resumed.safetensors"))
+    # A checkpoint without the adapter file (written before the trainer wrote one): refused under FSDP1, whose
+    # sharded files hold no adapter, rather than resumed from the initial adapter
+    import shutil
+
+    from sftmix_trl.errors import SFTMixError
+
+    old = os.path.join(args.output_dir, "checkpoint-old")
+    if state.is_main_process:
+        shutil.copytree(checkpoint, old, ignore=shutil.ignore_patterns("adapter_model.safetensors"))
+    state.wait_for_everyone()
+    try:
+        trainer._load_from_checkpoint(old, wrapped)
+        result["old_checkpoint"] = "resumed"
+    except SFTMixError as error:
+        result["old_checkpoint"] = str(error)
     state.wait_for_everyone()
 
     Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps(result))
@@ -234,7 +249,7 @@ def test_checkpoints_under_fsdp_hold_the_adapter_and_resume_from_it(fsdp_run, ti
     from sftmix_trl.adapter import check_adapter
     from sftmix_trl.configs import ModelArguments
 
-    _, out = fsdp_run
+    variant, out = fsdp_run
     checkpoint, one = out / "trainer" / "checkpoint-1", out / "one_process"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     assert (checkpoint / "adapter_model.safetensors").is_file(), f"no adapter: {sorted(os.listdir(checkpoint))}"
@@ -250,6 +265,12 @@ def test_checkpoints_under_fsdp_hold_the_adapter_and_resume_from_it(fsdp_run, ti
         for key, value in expected.items():
             assert found[key].dtype == value.dtype and found[key].shape == value.shape, f"{saved.name}: {key}"
             assert (found[key] - value).abs().max().item() < 1e-5, f"{saved.name}: {key}"
+    for rank in (0, 1):  # a checkpoint without the adapter file: FSDP1's sharded files cannot restore the adapter
+        old = json.loads((out / f"rank{rank}.json").read_text())["old_checkpoint"]
+        if variant.startswith("fsdp1"):
+            assert "holds no adapter_model.safetensors: under FSDP1" in old
+        else:
+            assert old == "resumed"
 
 
 if __name__ == "__main__":
