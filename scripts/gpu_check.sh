@@ -155,9 +155,10 @@ PYEOF
 }
 part fsdp_qlora_both_stages 180 "${LAUNCH[@]}" --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 1 \
     recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/fsdp_1gpu \
-    --bnb_4bit_quant_storage bfloat16
+    --bnb_4bit_quant_storage bfloat16 --save_strategy steps --save_steps 3
 part fsdp_qlora_table 30 check_table $OUT/fsdp_1gpu/confidence
 part fsdp_qlora_adapter 30 check_adapter $OUT/fsdp_1gpu $OUT/single
+part fsdp_qlora_checkpoint_adapter 30 check_adapter $OUT/fsdp_1gpu/checkpoint-3 $OUT/single  # every checkpoint has it
 if [ "$HAVE_DEEPSPEED" = 1 ]; then
   part zero3_both_stages 180 "${LAUNCH[@]}" --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 1 \
       recipes/sftmix.py --config configs/demo/sftmix_qlora.yaml "${SMALL[@]}" --output_dir $OUT/zero3_1gpu \
