@@ -1029,3 +1029,26 @@ def hand_log_likelihood(model, tokenizer, context: str, continuation: str) -> fl
     with torch.no_grad():
         log_probs = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
     return sum(float(log_probs[t - 1, whole[t]]) for t in range(start, len(whole)))
+
+
+def test_perplexity_without_data_scores_the_held_out_split_of_the_adapters_run(tmp_path):
+    """`evaluate --adapter_path A --tasks perplexity` scores the split the run held out (as `merge` measures), re-read
+    from A's sftmix_run.json; a run that held nothing out says what to give instead."""
+    from sftmix_trl.data.load import EXAMPLE_ID
+    from sftmix_trl.evaluation.perplexity import load_perplexity_data
+
+    adapter, health = tmp_path / "adapter", str(DEMO_DATA / "health_qa.json")
+    adapter.mkdir()
+
+    def record(eval_split_size):
+        config = {"dataset_name": health, "eval_split_size": eval_split_size, "dataset_seed": 42}
+        (adapter / "sftmix_run.json").write_text(json.dumps({"recipe": "sft.py", "config": config}))
+
+    record(6)
+    held = load_task_data(EvalArguments(tasks=["perplexity"], adapter_path=str(adapter)))["perplexity"]
+    assert held[EXAMPLE_ID] == load_perplexity_data(health, held_out=6, seed=42)[EXAMPLE_ID] and len(held) == 6
+    with pytest.raises(EvalError, match="task 'perplexity' needs `perplexity_data`"):
+        EvalArguments(tasks=["perplexity"])  # no adapter, no run to read a held-out split from
+    record(0)
+    with pytest.raises(EvalError, match=r"the run held no data out .*Instead: `perplexity_data`"):
+        load_task_data(EvalArguments(tasks=["perplexity"], adapter_path=str(adapter)))

@@ -113,13 +113,14 @@ def test_train_report_merge_generate_evaluate_export_on_a_shipped_config(base, r
                "--output_file", str(replies))  # fmt: skip
     assert [json.loads(line)["prompt"] for line in replies.read_text().splitlines()] == [PROMPT]
 
-    # evaluate base + adapter and the merged folder on the same held-out split: same template, same perplexity
+    # evaluate base + adapter (the held-out split its run records) and the merged folder (the same split, named):
+    # same template, same perplexity
     results = {}
+    held_out = ["--perplexity_data", DATA, "--perplexity_held_out", HELD_OUT]
     for name, model in (("adapter", ["--adapter_path", str(run)]), ("merged", ["--model_name_or_path", str(merged),
-                                                                            "--load_in_4bit", "false"])):  # fmt: skip
+                                                                            "--load_in_4bit", "false", *held_out])):  # fmt: skip
         out = tmp_path / f"eval-{name}"
-        sftmix_trl("evaluate", *model, "--tasks", "perplexity", "--perplexity_data", DATA,
-                   "--perplexity_held_out", HELD_OUT, "--output_dir", str(out))  # fmt: skip
+        sftmix_trl("evaluate", *model, "--tasks", "perplexity", "--output_dir", str(out))
         results[name] = json.loads((out / "eval_results.json").read_text())
     for payload in results.values():
         assert rendering(payload["model"]["chat_template"], base) == trained

@@ -31,7 +31,8 @@ import torch
 from sftmix_trl.adapter import adapter_base, check_adapter, load_with_adapter
 from sftmix_trl.after_training.hub import merge_figures_table, push_folder, write_merged_card
 from sftmix_trl.configs import ModelArguments
-from sftmix_trl.evaluation.perplexity import load_perplexity_data, load_run_held_out, response_perplexity
+from sftmix_trl.errors import EvalError
+from sftmix_trl.evaluation.perplexity import load_perplexity_data, recorded_held_out, response_perplexity
 from sftmix_trl.model import ModelLoadError, _check_model_path, _resolve_dtype, load_model
 from sftmix_trl.run_record import method_of, quantisation_label, read_run_record, trained_model_arguments
 from sftmix_trl.runs import check_promised
@@ -365,27 +366,10 @@ def merge_eval_data(adapter_path: str, eval_file: str | None = None, limit: int 
     if eval_file:
         dataset = load_perplexity_data(eval_file, limit=limit)
         return dataset, f"`{Path(eval_file).name}` ({len(dataset)} examples)"
-    record = read_run_record(adapter_path)
-    if record is None:
-        raise MergeError(
-            f"{adapter_path} records no run (no sftmix_run.json), so no held-out set to measure the merge on: give "
-            "`--eval_file` (any training-format file) or `--measure false`"
-        )
-    config = record.get("config") or {}
     try:
-        dataset = load_run_held_out(config, limit)
-    except (ValueError, OSError) as error:  # SFTMixError is a ValueError
-        raise MergeError(
-            f"the run's held-out set cannot be re-read from here ({str(error).splitlines()[0][:200]}): run merge "
-            "from the folder the run was launched in, or give `--eval_file`"
-        ) from None
-    if dataset is None:
-        raise MergeError(
-            "the run held no data out (eval_split_size 0), so there is nothing to measure the merge on: give "
-            "`--eval_file` (any training-format file) or `--measure false`"
-        )
-    size, seed = config.get("eval_split_size"), config.get("dataset_seed")
-    return dataset, f"the run's held-out split ({len(dataset)} examples; eval_split_size {size}, dataset_seed {seed})"
+        return recorded_held_out(adapter_path, limit)
+    except EvalError as error:
+        raise MergeError(f"{error}. Instead: `--eval_file` (any training-format file) or `--measure false`") from None
 
 
 def _scoring_settings(adapter_path: str) -> tuple[int, int]:

@@ -124,7 +124,9 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "Data for held-out response perplexity: anything `dataset_name` of the training recipes "
-            "accepts (local .json/.jsonl/.parquet file or folder, or a Hub id), in any format they read."
+            "accepts (local .json/.jsonl/.parquet file or folder, or a Hub id), in any format they read. Unset with "
+            "`adapter_path`: the held-out split of the run that trained it, re-read from its sftmix_run.json (as "
+            "`merge` measures)."
         },
     )
     perplexity_format: str = field(
@@ -199,6 +201,8 @@ class EvalArguments:
         self.mmlu_subjects = _as_list(self.mmlu_subjects)
         validate_tasks(self.tasks)
         for task in (t for t in self.tasks if t in TASK_DATA):
+            if task == "perplexity" and self.adapter_path:
+                continue  # the run's own held-out split, when `perplexity_data` is unset
             if getattr(self, TASK_DATA[task]) in (None, ""):
                 raise EvalError(f"task {task!r} needs `{TASK_DATA[task]}`: where its data is")
         if "mmlu_medical" in self.tasks and not self.mmlu_subjects:

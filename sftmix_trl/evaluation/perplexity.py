@@ -19,7 +19,7 @@ from sftmix_trl.configs import ScriptArguments
 from sftmix_trl.data.load import load_datasets
 from sftmix_trl.errors import EvalError
 from sftmix_trl.perplexity import score_perplexities
-from sftmix_trl.run_record import run_script_arguments
+from sftmix_trl.run_record import read_run_record, run_script_arguments
 
 
 def load_perplexity_data(
@@ -55,6 +55,26 @@ def load_run_held_out(config: dict, limit: int | None = None) -> Dataset | None:
         return None
     _, held = load_datasets(args)
     return _first(held, limit)
+
+
+def recorded_held_out(adapter_path: str, limit: int | None = None) -> tuple[Dataset, str]:
+    """The held-out split of the run that trained `adapter_path` (`load_run_held_out` on its `sftmix_run.json`) and a
+    description of it. An `EvalError` says why there is none; the caller says what to give instead."""
+    record = read_run_record(adapter_path)
+    if record is None:
+        raise EvalError(f"{adapter_path} records no run (no sftmix_run.json), so it has no held-out split")
+    config = record.get("config") or {}
+    try:
+        dataset = load_run_held_out(config, limit)
+    except (ValueError, OSError) as error:  # SFTMixError is a ValueError
+        raise EvalError(
+            f"the run's held-out split cannot be re-read from here ({str(error).splitlines()[0][:200]}): run from "
+            "the folder the run was launched in"
+        ) from None
+    if dataset is None:
+        raise EvalError("the run held no data out (eval_split_size 0)")
+    size, seed = config.get("eval_split_size"), config.get("dataset_seed")
+    return dataset, f"the run's held-out split ({len(dataset)} examples; eval_split_size {size}, dataset_seed {seed})"
 
 
 def _first(dataset: Dataset, limit: int | None) -> Dataset:

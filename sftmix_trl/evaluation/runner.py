@@ -13,10 +13,11 @@ from accelerate import PartialState
 
 from sftmix_trl.adapter import adapter_base, check_adapter, load_with_adapter
 from sftmix_trl.configs import ModelArguments
+from sftmix_trl.errors import EvalError
 from sftmix_trl.evaluation import harness
 from sftmix_trl.evaluation.args import MULTIPLE_CHOICE_TASKS, EvalArguments, validate_tasks
 from sftmix_trl.evaluation.ifeval import check_punkt
-from sftmix_trl.evaluation.perplexity import load_perplexity_data, response_perplexity
+from sftmix_trl.evaluation.perplexity import load_perplexity_data, recorded_held_out, response_perplexity
 from sftmix_trl.evaluation.report import device_name, package_versions, write_outputs
 from sftmix_trl.model import load_tokenizer, saved_tokenizer_folder
 from sftmix_trl.runs import run_config
@@ -45,16 +46,23 @@ def load_task_data(eval_args: EvalArguments) -> dict:
     """
     data = {}
     if "perplexity" in eval_args.tasks:
-        items = load_perplexity_data(
-            eval_args.perplexity_data,
-            eval_args.perplexity_format,
-            eval_args.perplexity_split,
-            eval_args.perplexity_held_out,
-            eval_args.perplexity_seed,
-            turns=eval_args.perplexity_turns,
-        )
+        if eval_args.perplexity_data:
+            items = load_perplexity_data(
+                eval_args.perplexity_data,
+                eval_args.perplexity_format,
+                eval_args.perplexity_split,
+                eval_args.perplexity_held_out,
+                eval_args.perplexity_seed,
+                turns=eval_args.perplexity_turns,
+            )
+            source = eval_args.perplexity_data
+        else:
+            try:
+                items, source = recorded_held_out(eval_args.adapter_path)
+            except EvalError as error:
+                raise EvalError(f"task 'perplexity': {error}. Instead: `perplexity_data`, where its data is") from None
         data["perplexity"] = items.select(sample_items(items, eval_args.limit, eval_args.limit_seed))
-        logger.info("perplexity: %d items", len(data["perplexity"]))
+        logger.info("perplexity: %d items of %s", len(data["perplexity"]), source)
     data.update(harness.load_tasks(eval_args, lambda docs: sample_items(docs, eval_args.limit, eval_args.limit_seed)))
     return data
 
@@ -105,6 +113,7 @@ def evaluate(eval_args: EvalArguments, model_args: ModelArguments) -> dict:
         results["perplexity"], samples["perplexity"] = response_perplexity(
             model, tokenizer, data["perplexity"], eval_args.batch_size, eval_args.max_length
         )
+        results["perplexity"]["data"] = eval_args.perplexity_data or "the held-out split of the adapter's run"
         seconds["perplexity"] = round(time.perf_counter() - task_start, 2)
     lm = harness.make_lm(model, tokenizer, eval_args) if len(data) > ("perplexity" in data) else None
     for chat in (False, True):  # the tasks of one lm-eval run share its chat-template setting
