@@ -126,6 +126,7 @@ def test_every_kind_of_record_that_cannot_train_is_dropped_counted_and_logged_on
         model_args = ModelArguments(model_name_or_path=str(tiny_model))
         tokenizer = load_tokenizer(model_args, False, str(tmp_path / "alternating.jinja"), assistant_only_loss=True)
         dataset = drop_unrenderable(dataset, [tokenizer], drops)
+        drops.log(["template_refused"])  # as `prepare_run_data` does, once every split is rendered
         args = SFTConfig(output_dir=str(tmp_path / "o"), report_to="none", assistant_only_loss=True, max_length=96)
         prepared = prepare_split(dataset, tokenizer, args, NTPTrainer, "train", drops, TRAINING)
     assert len(prepared) == 20 and dict(drops.counts) == dict.fromkeys(MESSY_LINES, 1)
@@ -246,6 +247,27 @@ def test_a_reference_on_its_own_tokenizer_prepares_the_data_once_more_and_counts
     # each drop counted once though both tokenizers read (and lose) the long one: 2 of the 10 examples checked
     assert dict(drops.counts) == {"template_refused": 1, "truncated": 1} and drops.checked == 10
     assert drops.dropped_fraction() == pytest.approx(0.2)
+
+
+def test_template_refusals_in_both_splits_are_logged_in_one_line(tmp_path, tiny_model, caplog):
+    """A refused record in the training and in the held-out split: one warning with both, not a count per split
+    ("dropped 1 ..." then "dropped 2 ...", which reads as 3)."""
+    records = [{"conversations": [turn("human", f"Question {n}?"), turn("gpt", "Yes.")]} for n in range(10)]
+    records += [
+        {"conversations": [turn("human", "A."), turn("human", f"B {n}?"), turn("gpt", "C.")]} for n in range(6)
+    ]
+    (tmp_path / "alternating.jinja").write_text(ALTERNATING_CHATML)
+    script_args = ScriptArguments(
+        dataset_name=str(write_jsonl(tmp_path / "d.jsonl", records)), eval_split_size=8, max_dropped_fraction=0.5
+    )
+    config = SFTConfig(
+        output_dir=str(tmp_path / "o"), report_to="none", chat_template_path=str(tmp_path / "alternating.jinja")
+    )
+    with caplog.at_level(logging.WARNING, logger="sftmix_trl"):
+        run = prepare_run_data(script_args, config, ModelArguments(model_name_or_path=str(tiny_model)), NTPTrainer)
+    assert len(run.data.examples) < 8 + 2 and len(run.data.eval_examples) < 8  # refusals in both splits
+    lines = [r.message for r in caplog.records if "the chat template refuses" in r.message]
+    assert lines == [f"dropped {run.drops.describe('template_refused')}"] and "dropped 6 " in lines[0]
 
 
 # -- end to end: the raw file trains through the SFTMix recipe (stage 1 and 2) ------------------------------------------------

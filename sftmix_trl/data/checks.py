@@ -95,7 +95,8 @@ def drop_unrenderable(
 ) -> Dataset | None:
     """`dataset` without the examples a chat template of `tokenizers` refuses to render (its `raise_exception`, e.g.
     "roles must alternate" or "system role not supported"), each counted in `drops` with the template's own message.
-    Every example of `dataset` enters the dropped share once, however many tokenizers read it."""
+    Every example of `dataset` enters the dropped share once, however many tokenizers read it. The caller logs the
+    drops once every split is rendered (`drops.log`): one line, not a growing count per split."""
     if dataset is None:
         return None
     drops.checked += len(dataset)
@@ -118,10 +119,7 @@ def drop_unrenderable(
                 continue
             kept_here.append(index)
         keep = kept_here
-    if len(keep) == len(dataset):
-        return dataset
-    drops.log(["template_refused"])
-    return dataset.select(keep)
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
 def prepare_split(

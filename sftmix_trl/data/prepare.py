@@ -87,6 +87,7 @@ def prepare_run_data(
     both = (tokenizer,) if reference_tokenizer is None else (tokenizer, reference_tokenizer)
     train_dataset = drop_unrenderable(train_dataset, both, drops)
     eval_dataset = drop_unrenderable(eval_dataset, (tokenizer,), drops, "eval")
+    drops.log(["template_refused"])
 
     # One preparation per tokenizer: the reference's own first (stage 1 runs first), then the model's, which the
     # run's trainer trains on and, with no tokenizer of its own, the reference too. Stage 1 alone prepares the model's
