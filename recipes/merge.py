@@ -1,10 +1,8 @@
-"""Merge a saved LoRA adapter into its (unquantised) base: a standalone model folder, served without PEFT.
+"""A saved LoRA adapter merged into its base: a standalone model folder, measured (`sftmix-trl merge` as a script).
 
-sftmix-trl merge --adapter_path outputs/demo/sftmix_qlora --output_dir outputs/demo/merged [--dtype bfloat16]
-python recipes/merge.py --adapter_path ADAPTER [--model_name_or_path BASE] --output_dir OUT [--push_to_hub true ...]
+python recipes/merge.py --adapter_path ADAPTER --output_dir OUT [--target dequantized] [--eval_file FILE ...]
 
-Writes model.safetensors (or shards), config.json, generation_config.json, the tokenizer with the base's own chat
-template (no `{% generation %}` markers) and a README.md model card naming the base, the adapter and the method.
+What it reads, does and writes: sftmix_trl/commands/merge.py.
 """
 
 from sftmix_trl.commands.merge import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)

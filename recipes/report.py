@@ -1,7 +1,8 @@
-"""The data report of an existing stage-1 table (see sftmix_trl/commands/report.py).
+"""The data report of an existing stage-1 table (`sftmix-trl report` as a script).
 
 python recipes/report.py --config configs/demo/sftmix_qlora.yaml
-sftmix-trl report --config my.yaml                       (an installed package, no clone)
+
+What it reads, does and writes: sftmix_trl/commands/report.py.
 """
 
 from sftmix_trl.commands.report import ARGUMENTS, main, run  # noqa: F401  (`main` and `ARGUMENTS`: for tests and imports)

@@ -6,7 +6,7 @@ python recipes/evaluate.py --config my_eval.yaml [--key value ...]
 accelerate launch recipes/evaluate.py --config my_eval.yaml     # several processes share the items
 sftmix-trl evaluate --config my_eval.yaml                        # an installed package, no clone
 
-IFEval's rules need NLTK's punkt_tab: set NLTK_DATA (the shared data's nltk_data/ has it).
+IFEval's rules need NLTK's punkt_tab: set NLTK_DATA (`scripts/fetch_eval_data.py` writes it to eval_data/nltk_data).
 
 Writes eval_results.json (every figure, the model, adapter and configuration it came from, package versions),
 eval_results.md and samples_<task>.jsonl into `output_dir`.

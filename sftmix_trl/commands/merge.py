@@ -7,8 +7,9 @@ python recipes/merge.py --adapter_path ADAPTER [--model_name_or_path BASE] --out
 `--target original` (default) merges into the base's own 16/32-bit weights, `--target dequantized` into the run's
 4-bit weights dequantised (the weights the adapter was trained against). Then the held-out response perplexity of the
 merged folder and of base + adapter as trained is printed and written into the card (`--measure false` skips it).
-Writes model.safetensors (or shards), config.json, generation_config.json, the tokenizer with the base's own chat
-template (no `{% generation %}` markers), sftmix_merge.json and a README.md model card.
+Writes model.safetensors (or shards), config.json, generation_config.json, the tokenizer with the chat template the run
+trained with, without its `{% generation %}` markers (the base's own when it renders the same), sftmix_merge.json and a
+README.md model card.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def check_punkt() -> None:
     except LookupError:
         raise EvalError(
             "IFEval's rules need NLTK's `punkt_tab` sentence splitter, which is not installed: set NLTK_DATA to a "
-            "folder holding tokenizers/punkt_tab/english (the shared data's nltk_data/ has it), or run "
+            "folder holding tokenizers/punkt_tab/english (`scripts/fetch_eval_data.py` writes one to eval_data/nltk_data), or run "
             "`python -m nltk.downloader punkt_tab` where a network is reachable"
         ) from None
 
